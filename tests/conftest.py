@@ -1,0 +1,38 @@
+"""Shared fixtures; makes ``python -m pytest`` test the installed package.
+
+``python -m pytest`` puts the working directory first on ``sys.path``, where
+the ``turboquant/`` source folder has no compiled extension unless it was built
+in place. In that case drop the source folder from the path so the installed
+package is imported.
+"""
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if not any((ROOT / "turboquant").glob("_core*.so")) and not any((ROOT / "turboquant").glob("_core*.pyd")):
+    sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT]
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def random_unit_vectors(n, dim, seed):
+    """``n`` independent uniformly random unit vectors in R^dim (float64)."""
+    x = np.random.default_rng(seed).standard_normal((n, dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def shared_data(name):
+    """Path of a file in ``../shared/data``; skips the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    return path

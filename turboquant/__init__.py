@@ -1,0 +1,58 @@
+"""turboquant: TurboQuant vector quantization and a quantized KV cache.
+
+Implements TurboQuant (Zandieh, Daliri, Hadian, Mirrokni, "TurboQuant: Online
+Vector Quantization with Near-optimal Distortion Rate", arXiv:2504.19874) as a
+Cython/OpenMP extension with a numpy API.
+"""
+
+from ._codebook import Codebook, coordinate_density, distortion_lower_bound, lloyd_max_codebook
+from ._codes import CodeSpec, Codes, MSECodes, ProdCodes, QJLCodes
+from ._config import show_config
+from ._errors import (
+    CorruptPayloadError,
+    DTypeError,
+    IncompatibleCodesError,
+    InvalidParameterError,
+    LengthMismatchError,
+    NonFiniteError,
+    ShapeError,
+    TurboQuantError,
+)
+from ._kv_cache import MultiHeadKVCache, QuantizedKVCache
+from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
+from ._quantizers import QJL, TurboQuantMSE, TurboQuantProd
+from ._threads import resolve_n_threads
+from ._version import __version__
+
+__all__ = [
+    "QJL",
+    "CacheStats",
+    "Codebook",
+    "CodeSpec",
+    "Codes",
+    "CorruptPayloadError",
+    "DTypeError",
+    "IncompatibleCodesError",
+    "InvalidParameterError",
+    "KVCacheConfig",
+    "LengthMismatchError",
+    "MSECodes",
+    "MultiHeadCacheStats",
+    "MultiHeadConfig",
+    "MultiHeadKVCache",
+    "NonFiniteError",
+    "ProdCodes",
+    "QJLCodes",
+    "QuantStrategy",
+    "QuantizedKVCache",
+    "ShapeError",
+    "TurboQuantError",
+    "TurboQuantMSE",
+    "TurboQuantProd",
+    "__version__",
+    "coordinate_density",
+    "distortion_lower_bound",
+    "lloyd_max_codebook",
+    "resolve_n_threads",
+    "show_config",
+]

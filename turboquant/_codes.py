@@ -1,0 +1,285 @@
+"""Containers for quantized vectors.
+
+A codes object is an immutable batch of ``n`` quantized vectors: a few
+row-aligned numpy arrays (bit-packed indices, packed signs, float32 norms) and
+the :class:`CodeSpec` of the quantizer that made them. Its arrays are
+read-only; slicing gives views, every other operation gives new arrays.
+"""
+
+import dataclasses
+import operator
+
+import numpy as np
+
+from ._errors import CorruptPayloadError, IncompatibleCodesError, InvalidParameterError
+
+
+def packed_row_bytes(dim, bits):
+    """Bytes of one row of ``dim`` indices of ``bits`` bits: ``ceil(dim * bits / 8)``."""
+    return (dim * bits + 7) // 8
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeSpec:
+    """Identity of the quantizer behind a batch of codes.
+
+    Two batches can be concatenated, and a quantizer can read a batch, only
+    when their specs are equal.
+
+    Attributes
+    ----------
+    kind : {"mse", "prod", "qjl"}
+    dim : int
+    bits : int
+        Bits per coordinate in total (for "prod" this includes the sign bit; 1 for "qjl").
+    seed : int
+    rotation : str
+        "dense" or "hadamard"; "" for "qjl", which has no rotation.
+    sketch : str
+        "gaussian" or "hadamard"; "" for "mse", which has no sketch.
+    """
+
+    kind: str
+    dim: int
+    bits: int
+    seed: int
+    rotation: str = ""
+    sketch: str = ""
+
+    def to_dict(self):
+        """The spec as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    def row_layout(self):
+        """``{array name: (dtype, bytes or items per row)}`` of codes with this spec."""
+        sign_bytes = packed_row_bytes(self.dim, 1)
+        if self.kind == "mse":
+            return {"indices": (np.uint8, packed_row_bytes(self.dim, self.bits)),
+                    "norms": (np.float32, None)}
+        if self.kind == "prod":
+            return {"indices": (np.uint8, packed_row_bytes(self.dim, self.bits - 1)),
+                    "signs": (np.uint8, sign_bytes),
+                    "norms": (np.float32, None),
+                    "residual_norms": (np.float32, None)}
+        if self.kind == "qjl":
+            return {"signs": (np.uint8, sign_bytes), "norms": (np.float32, None)}
+        raise InvalidParameterError(f"unknown codes kind {self.kind!r}")
+
+
+def _readonly(array):
+    array.setflags(write=False)
+    return array
+
+
+class Codes:
+    """A batch of quantized vectors (base class of the concrete codes types).
+
+    Do not build one by hand: quantizers return them from ``quantize``, and
+    :meth:`from_arrays` rebuilds one from plain arrays after checking them.
+
+    Attributes
+    ----------
+    spec : CodeSpec
+        The quantizer that made the codes.
+    """
+
+    kind = None
+
+    def __init__(self, spec, arrays):
+        # Trusted constructor: ``arrays`` already has the layout of ``spec``.
+        self.spec = spec
+        self._arrays = {name: _readonly(arrays[name]) for name in spec.row_layout()}
+
+    # -- construction from untrusted arrays ---------------------------------
+    @classmethod
+    def from_arrays(cls, spec, **arrays):
+        """Rebuild codes from plain arrays, validating their layout first.
+
+        Parameters
+        ----------
+        spec : CodeSpec or dict
+        **arrays : ndarray
+            Exactly the arrays named by ``spec.row_layout()``, with the dtypes
+            and row widths it gives and the same number of rows.
+
+        Returns
+        -------
+        Codes
+            A new object owning copies of the arrays.
+
+        Raises
+        ------
+        CorruptPayloadError
+            If an array is missing, extra, of the wrong dtype or shape, the row
+            counts differ, or a norm is negative or not finite.
+        """
+        if isinstance(spec, dict):
+            spec = CodeSpec.from_dict(spec)
+        if spec.kind != cls.kind:
+            raise CorruptPayloadError(f"spec is of kind {spec.kind!r}; {cls.__name__} needs {cls.kind!r}")
+        layout = spec.row_layout()
+        if set(arrays) != set(layout):
+            raise CorruptPayloadError(
+                f"{cls.__name__} needs arrays {sorted(layout)}, got {sorted(arrays)}")
+        checked = {}
+        n_rows = None
+        for name, (dtype, width) in layout.items():
+            array = np.asarray(arrays[name])
+            if array.dtype != np.dtype(dtype):
+                raise CorruptPayloadError(f"{name} has dtype {array.dtype}; expected {np.dtype(dtype)}")
+            expected_ndim = 1 if width is None else 2
+            if array.ndim != expected_ndim or (width is not None and array.shape[1] != width):
+                want = "(n,)" if width is None else f"(n, {width})"
+                raise CorruptPayloadError(f"{name} has shape {array.shape}; expected {want}")
+            if n_rows is None:
+                n_rows = array.shape[0]
+            elif array.shape[0] != n_rows:
+                raise CorruptPayloadError(
+                    f"{name} has {array.shape[0]} rows; the other arrays have {n_rows}")
+            if width is None and not (np.isfinite(array).all() and (array >= 0).all()):
+                raise CorruptPayloadError(f"{name} must be finite and non-negative")
+            checked[name] = np.array(array, order="C", copy=True)
+        return cls(spec, checked)
+
+    def to_arrays(self):
+        """Copies of the row arrays, as a dict ``{name: ndarray}`` (see :meth:`from_arrays`)."""
+        return {name: array.copy() for name, array in self._arrays.items()}
+
+    # -- sequence protocol ---------------------------------------------------
+    def __len__(self):
+        return next(iter(self._arrays.values())).shape[0]
+
+    def __getitem__(self, key):
+        """Rows ``key`` (int, slice, integer or boolean array) as codes of the same spec.
+
+        An integer gives a batch of one row; a slice gives read-only views.
+        """
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            index = operator.index(key)
+            n = len(self)
+            if not -n <= index < n:
+                raise IndexError(f"index {index} is out of range for {n} codes")
+            index %= n
+            key = slice(index, index + 1)
+        elif not isinstance(key, slice):
+            key = np.asarray(key)
+            if key.dtype != bool and key.dtype.kind not in "iu":
+                raise IndexError("codes can be indexed by an int, a slice, or an integer or boolean array")
+        return type(self)(self.spec, {name: array[key] for name, array in self._arrays.items()})
+
+    def drop_oldest(self, count):
+        """Codes without the first ``count`` rows (the oldest, for sliding-window eviction).
+
+        Raises
+        ------
+        InvalidParameterError
+            If ``count`` is negative or larger than ``len(self)``.
+        """
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= len(self):
+            raise InvalidParameterError(f"count must be an integer in 0..{len(self)}, got {count!r}")
+        return self[int(count):]
+
+    @classmethod
+    def concatenate(cls, batches):
+        """Join batches of the same spec, in order, into one new batch.
+
+        Raises
+        ------
+        IncompatibleCodesError
+            If the batches are of different kinds or specs.
+        InvalidParameterError
+            If ``batches`` is empty.
+        """
+        batches = list(batches)
+        if not batches:
+            raise InvalidParameterError("concatenate needs at least one batch of codes")
+        first = batches[0]
+        for other in batches[1:]:
+            first.check_compatible(other.spec, "concatenate")
+        return type(first)(first.spec, {
+            name: np.concatenate([b._arrays[name] for b in batches]) for name in first._arrays})
+
+    def check_compatible(self, spec, action="use"):
+        """Raise :class:`IncompatibleCodesError` unless ``spec`` equals these codes' spec."""
+        if spec != self.spec:
+            raise IncompatibleCodesError(
+                f"cannot {action} codes made by {self.spec} with {spec}")
+
+    # -- accounting -----------------------------------------------------------
+    @property
+    def nbytes(self):
+        """Bytes held by the codes' arrays (every stored byte, padding included)."""
+        return sum(array.nbytes for array in self._arrays.values())
+
+    @property
+    def dim(self):
+        return self.spec.dim
+
+    @property
+    def norms(self):
+        """(n,) float32 norms of the original vectors (read-only)."""
+        return self._arrays["norms"]
+
+    def __eq__(self, other):
+        if not isinstance(other, Codes):
+            return NotImplemented
+        return self.spec == other.spec and all(
+            np.array_equal(a, other._arrays[name]) for name, a in self._arrays.items())
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(n={len(self)}, dim={self.spec.dim}, "
+                f"bits={self.spec.bits}, nbytes={self.nbytes})")
+
+
+class MSECodes(Codes):
+    """Codes of :class:`TurboQuantMSE`: ``indices`` (n, ceil(d*b/8)) uint8 and ``norms`` (n,) float32."""
+
+    kind = "mse"
+
+    @property
+    def indices(self):
+        """(n, ceil(dim*bits/8)) uint8 bit-packed centroid indices (read-only)."""
+        return self._arrays["indices"]
+
+
+class ProdCodes(Codes):
+    """Codes of :class:`TurboQuantProd`: MSE-stage ``indices`` with ``bits - 1`` bits,
+    packed QJL ``signs`` of the residual, ``norms`` and ``residual_norms``."""
+
+    kind = "prod"
+
+    @property
+    def indices(self):
+        """(n, ceil(dim*(bits-1)/8)) uint8 bit-packed indices of the MSE stage (read-only)."""
+        return self._arrays["indices"]
+
+    @property
+    def signs(self):
+        """(n, ceil(dim/8)) uint8 packed signs of the sketched residual (read-only)."""
+        return self._arrays["signs"]
+
+    @property
+    def residual_norms(self):
+        """(n,) float32 norms of the residual of the unit-normalised vector (read-only)."""
+        return self._arrays["residual_norms"]
+
+
+class QJLCodes(Codes):
+    """Codes of :class:`QJL`: packed ``signs`` (n, ceil(d/8)) uint8 and ``norms`` (n,) float32."""
+
+    kind = "qjl"
+
+    @property
+    def signs(self):
+        """(n, ceil(dim/8)) uint8 packed signs of the sketch (read-only)."""
+        return self._arrays["signs"]
+
+
+CODES_TYPES = {cls.kind: cls for cls in (MSECodes, ProdCodes, QJLCodes)}

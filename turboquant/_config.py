@@ -1,0 +1,35 @@
+"""Build and runtime information."""
+
+import sys
+
+import numpy as np
+
+from . import _core
+from ._version import __version__
+
+
+def show_config(file=None):
+    """Print turboquant's version, whether OpenMP is on and the thread count.
+
+    Parameters
+    ----------
+    file : file-like, optional
+        Where to print; ``sys.stdout`` by default.
+
+    Returns
+    -------
+    dict
+        The same facts: ``version``, ``openmp``, ``max_threads`` (OpenMP default
+        team size, from ``OMP_NUM_THREADS``), ``num_procs``, ``numpy``.
+    """
+    info = {
+        "version": __version__,
+        "openmp": _core.openmp_enabled(),
+        "max_threads": _core.max_threads(),
+        "num_procs": _core.num_procs(),
+        "numpy": np.__version__,
+    }
+    stream = sys.stdout if file is None else file
+    for key, value in info.items():
+        print(f"{key:>12}: {value}", file=stream)
+    return info

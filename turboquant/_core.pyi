@@ -1,0 +1,51 @@
+"""Type stubs of the compiled kernels (see _core.pyx for the contracts)."""
+
+import numpy as np
+import numpy.typing as npt
+
+_Float = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+_F64 = npt.NDArray[np.float64]
+_U8 = npt.NDArray[np.uint8]
+
+def openmp_enabled() -> bool: ...
+def max_threads() -> int: ...
+def num_procs() -> int: ...
+def row_norms(x: _Float, out: _F64, n_threads: int) -> None: ...
+def hadamard_rotate(
+    x: _Float, out: _Float, signs: _F64, block: int, inverse: bool, n_threads: int
+) -> None: ...
+def quantize_pack(
+    y: _Float,
+    norms: _F64,
+    boundaries: _F64,
+    centroids: _F64,
+    bits: int,
+    codes: _U8,
+    residual: _Float,
+    want_residual: bool,
+    n_threads: int,
+) -> None: ...
+def unpack_indices(codes: _U8, bits: int, out: _U8, n_threads: int) -> None: ...
+def pack_indices(indices: _U8, bits: int, codes: _U8, n_threads: int) -> None: ...
+def dequantize_rows(
+    codes: _U8, bits: int, centroids: _F64, scales: _F64, out: _Float, n_threads: int
+) -> None: ...
+def lut_inner_products(
+    codes: _U8,
+    bits: int,
+    centroids: _F64,
+    queries: _Float,
+    scales: _F64,
+    out: _Float,
+    accumulate: bool,
+    n_threads: int,
+) -> None: ...
+def lut_weighted_sum(
+    codes: _U8,
+    bits: int,
+    centroids: _F64,
+    weights: _F64,
+    scales: _F64,
+    out: _F64,
+    n_threads: int,
+) -> None: ...

@@ -1,0 +1,485 @@
+# cython: language_level=3
+"""Typed kernels behind turboquant.
+
+Every function here takes C-contiguous typed memoryviews that the Python layer
+has already validated and allocated, and an explicit ``n_threads`` (>= 1). The
+kernels know nothing about quantizers, caches or configs: they hold the loops.
+
+Bit layout used throughout: a row of ``dim`` indices of ``bits`` bits each is a
+little-endian bit stream; index ``j`` occupies bits ``j*bits .. j*bits+bits-1``
+(bit 0 is the least significant bit of byte 0), so a row takes exactly
+``ceil(dim*bits/8)`` bytes. Sign sketches are the ``bits == 1`` case
+(bit set = +1), which matches ``numpy.packbits(..., bitorder="little")``.
+"""
+
+cimport cython
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport fabs, sqrt
+from libc.stdint cimport uint8_t, uint32_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cdef extern from "tq_openmp.h" nogil:
+    int tq_openmp_enabled()
+    int tq_max_threads()
+    int tq_num_procs()
+    int tq_thread_num()
+
+
+def openmp_enabled():
+    """Return True when the extension was compiled with OpenMP."""
+    return bool(tq_openmp_enabled())
+
+
+def max_threads():
+    """Return the OpenMP default team size (follows ``OMP_NUM_THREADS``); 1 without OpenMP."""
+    return tq_max_threads()
+
+
+def num_procs():
+    """Return the number of processors OpenMP sees; 1 without OpenMP."""
+    return tq_num_procs()
+
+
+# ---------------------------------------------------------------------------
+# Bit-stream helpers
+# ---------------------------------------------------------------------------
+
+cdef inline uint32_t read_index(const uint8_t* row, Py_ssize_t j, int bits,
+                                Py_ssize_t row_bytes) noexcept nogil:
+    """Index ``j`` of a packed row."""
+    cdef Py_ssize_t bit = j * bits
+    cdef Py_ssize_t byte = bit >> 3
+    cdef int shift = bit & 7
+    cdef uint32_t word = row[byte]
+    if shift + bits > 8:
+        word |= (<uint32_t> row[byte + 1]) << 8
+    return (word >> shift) & ((1u << bits) - 1u)
+
+
+cdef inline void write_index(uint8_t* row, Py_ssize_t j, int bits,
+                             uint32_t value) noexcept nogil:
+    """OR index ``j`` into a zeroed packed row."""
+    cdef Py_ssize_t bit = j * bits
+    cdef Py_ssize_t byte = bit >> 3
+    cdef int shift = bit & 7
+    row[byte] |= <uint8_t> ((value << shift) & 0xFFu)
+    if shift + bits > 8:
+        row[byte + 1] |= <uint8_t> (value >> (8 - shift))
+
+
+cdef inline uint32_t search_cell(const double* boundaries, int levels,
+                                 double u) noexcept nogil:
+    """Number of boundaries strictly below ``u`` (``levels - 1`` sorted boundaries)."""
+    cdef uint32_t idx = 0
+    cdef int step = levels >> 1
+    while step > 0:
+        if boundaries[idx + step - 1] < u:
+            idx += step
+        step >>= 1
+    return idx
+
+
+# ---------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------
+
+def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
+    """Euclidean norm of every row, computed in double without overflow.
+
+    Parameters
+    ----------
+    x : (n, d) float32 or float64, C-contiguous
+    out : (n,) float64, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i, j
+    cdef double scale, acc, v
+    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+        scale = 0.0
+        for j in range(d):
+            v = fabs(x[i, j])
+            if v > scale:
+                scale = v
+        if scale == 0.0:
+            out[i] = 0.0
+        else:
+            acc = 0.0
+            for j in range(d):
+                v = x[i, j] / scale
+                acc = acc + v * v
+            out[i] = scale * sqrt(acc)
+
+
+# ---------------------------------------------------------------------------
+# Randomized Hadamard rotation
+# ---------------------------------------------------------------------------
+
+cdef inline void fwht_normalized(double* v, Py_ssize_t length) noexcept nogil:
+    """In-place orthonormal Walsh-Hadamard transform of a power-of-two block."""
+    cdef Py_ssize_t h = 1, i, j
+    cdef double a, b, scale
+    while h < length:
+        i = 0
+        while i < length:
+            for j in range(i, i + h):
+                a = v[j]
+                b = v[j + h]
+                v[j] = a + b
+                v[j + h] = a - b
+            i += 2 * h
+        h *= 2
+    scale = 1.0 / sqrt(<double> length)
+    for j in range(length):
+        v[j] *= scale
+
+
+cdef inline void hadamard_forward_row(double* v, const double* signs, Py_ssize_t rounds,
+                                      Py_ssize_t d, Py_ssize_t block) noexcept nogil:
+    cdef Py_ssize_t r, j
+    for r in range(rounds):
+        for j in range(d):
+            v[j] *= signs[r * d + j]
+        fwht_normalized(v, block)
+        if block < d:
+            fwht_normalized(v + (d - block), block)
+
+
+cdef inline void hadamard_inverse_row(double* v, const double* signs, Py_ssize_t rounds,
+                                      Py_ssize_t d, Py_ssize_t block) noexcept nogil:
+    cdef Py_ssize_t r, j
+    for r in range(rounds - 1, -1, -1):
+        if block < d:
+            fwht_normalized(v + (d - block), block)
+        fwht_normalized(v, block)
+        for j in range(d):
+            v[j] *= signs[r * d + j]
+
+
+def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
+                    const double[:, ::1] signs, Py_ssize_t block, bint inverse,
+                    int n_threads):
+    """Apply the randomized Hadamard rotation (or its inverse) to every row.
+
+    Each round multiplies by the round's random signs, then applies an
+    orthonormal Walsh-Hadamard transform of size ``block`` (the largest power of
+    two <= d) to the first ``block`` coordinates and, when ``block < d``, to the
+    last ``block`` coordinates. Every step is orthogonal, so the inverse runs the
+    steps backwards. Arithmetic is in double for both dtypes.
+
+    Parameters
+    ----------
+    x, out : (n, d) float32 or float64, C-contiguous (may not alias)
+    signs : (rounds, d) float64 of +-1
+    block : power of two with d/2 < block <= d
+    inverse : bool
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], rounds = signs.shape[0]
+    cdef Py_ssize_t i, j
+    cdef double* row
+    # One scratch row per thread, indexed by the OpenMP thread number.
+    cdef double* scratch = <double*> malloc(n_threads * d * sizeof(double))
+    if scratch == NULL:
+        raise MemoryError()
+    try:
+        for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+            row = scratch + tq_thread_num() * d
+            for j in range(d):
+                row[j] = x[i, j]
+            if inverse:
+                hadamard_inverse_row(row, &signs[0, 0], rounds, d, block)
+            else:
+                hadamard_forward_row(row, &signs[0, 0], rounds, d, block)
+            for j in range(d):
+                out[i, j] = <floating> row[j]
+    finally:
+        free(scratch)
+
+
+# ---------------------------------------------------------------------------
+# Scalar quantization and bit packing
+# ---------------------------------------------------------------------------
+
+def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
+                  const double[::1] boundaries, const double[::1] centroids, int bits,
+                  uint8_t[:, ::1] codes, floating[:, ::1] residual, bint want_residual,
+                  int n_threads):
+    """Quantize ``y[i] / norms[i]`` coordinate-wise and bit-pack the cell indices.
+
+    The index of a value ``u`` is the number of boundaries strictly below it.
+    Rows with norm 0 are quantized as the zero vector.
+
+    Parameters
+    ----------
+    y : (n, d) float32 or float64, rotated rows
+    norms : (n,) float64
+    boundaries : (2**bits - 1,) float64, increasing
+    centroids : (2**bits,) float64 (read only when ``want_residual``)
+    bits : int in 1..8
+    codes : (n, ceil(d*bits/8)) uint8, written
+    residual : (n, d) same dtype as ``y``; when ``want_residual`` it receives
+        ``y[i]/norms[i] - centroids[index]``
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = y.shape[0], d = y.shape[1], row_bytes = codes.shape[1]
+    cdef Py_ssize_t i, j
+    cdef int levels = 1 << bits
+    cdef double inv, u
+    cdef uint32_t idx
+    cdef uint8_t* row
+    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+        row = &codes[i, 0]
+        memset(row, 0, row_bytes)
+        inv = 1.0 / norms[i] if norms[i] > 0.0 else 0.0
+        for j in range(d):
+            u = y[i, j] * inv
+            idx = search_cell(&boundaries[0], levels, u)
+            write_index(row, j, bits, idx)
+            if want_residual:
+                residual[i, j] = <floating> (u - centroids[idx])
+
+
+def unpack_indices(const uint8_t[:, ::1] codes, int bits, uint8_t[:, ::1] out,
+                   int n_threads):
+    """Unpack bit-packed indices into one uint8 per index.
+
+    Parameters
+    ----------
+    codes : (n, ceil(d*bits/8)) uint8
+    bits : int in 1..8
+    out : (n, d) uint8, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = out.shape[0], d = out.shape[1], row_bytes = codes.shape[1]
+    cdef Py_ssize_t i, j
+    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+        for j in range(d):
+            out[i, j] = <uint8_t> read_index(&codes[i, 0], j, bits, row_bytes)
+
+
+def pack_indices(const uint8_t[:, ::1] indices, int bits, uint8_t[:, ::1] codes,
+                 int n_threads):
+    """Bit-pack one-uint8-per-index rows (values must be < 2**bits).
+
+    Parameters
+    ----------
+    indices : (n, d) uint8
+    bits : int in 1..8
+    codes : (n, ceil(d*bits/8)) uint8, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = indices.shape[0], d = indices.shape[1], row_bytes = codes.shape[1]
+    cdef Py_ssize_t i, j
+    cdef uint8_t* row
+    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+        row = &codes[i, 0]
+        memset(row, 0, row_bytes)
+        for j in range(d):
+            write_index(row, j, bits, indices[i, j])
+
+
+def dequantize_rows(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
+                    const double[::1] scales, floating[:, ::1] out, int n_threads):
+    """``out[i, j] = scales[i] * centroids[index(i, j)]``.
+
+    Parameters
+    ----------
+    codes : (n, ceil(d*bits/8)) uint8
+    bits : int in 1..8
+    centroids : (2**bits,) float64
+    scales : (n,) float64
+    out : (n, d) float32 or float64, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = out.shape[0], d = out.shape[1], row_bytes = codes.shape[1]
+    cdef Py_ssize_t i, j
+    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+        for j in range(d):
+            out[i, j] = <floating> (
+                scales[i] * centroids[read_index(&codes[i, 0], j, bits, row_bytes)])
+
+
+# ---------------------------------------------------------------------------
+# Lookup-table scoring
+# ---------------------------------------------------------------------------
+
+cdef inline bint byte_aligned(int bits) noexcept nogil:
+    return bits == 1 or bits == 2 or bits == 4 or bits == 8
+
+
+cdef inline Py_ssize_t table_rows(Py_ssize_t d, int bits, Py_ssize_t row_bytes) noexcept nogil:
+    """Rows of the lookup table: one per byte when indices tile bytes, else one per coordinate."""
+    return row_bytes if byte_aligned(bits) else d
+
+
+cdef inline void build_table(const floating* query, Py_ssize_t d, int bits,
+                             const double* centroids, double* table,
+                             Py_ssize_t rows) noexcept nogil:
+    """Lookup table of one query: ``table[r*256 + v]`` is the contribution of byte
+    (or coordinate) ``r`` holding value ``v``."""
+    cdef int levels = 1 << bits
+    cdef int per_byte, k, v
+    cdef Py_ssize_t r, j
+    cdef uint32_t mask = (1u << bits) - 1u
+    cdef double acc
+    if byte_aligned(bits):
+        per_byte = 8 // bits
+        for r in range(rows):
+            for v in range(256):
+                acc = 0.0
+                for k in range(per_byte):
+                    j = r * per_byte + k
+                    if j < d:
+                        acc = acc + query[j] * centroids[(v >> (k * bits)) & mask]
+                table[r * 256 + v] = acc
+    else:
+        for r in range(rows):
+            for v in range(levels):
+                table[r * 256 + v] = query[r] * centroids[v]
+
+
+cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t d,
+                             int bits, Py_ssize_t row_bytes) noexcept nogil:
+    cdef Py_ssize_t r
+    cdef double acc = 0.0
+    if byte_aligned(bits):
+        for r in range(row_bytes):
+            acc = acc + table[r * 256 + row[r]]
+    else:
+        for r in range(d):
+            acc = acc + table[r * 256 + read_index(row, r, bits, row_bytes)]
+    return acc
+
+
+def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
+                       const floating[:, ::1] queries, const double[::1] scales,
+                       floating[:, ::1] out, bint accumulate, int n_threads):
+    """Inner products of queries with packed codes, without dequantizing.
+
+    ``out[q, i] (+)= scales[i] * sum_j queries[q, j] * centroids[index(i, j)]``.
+    For 1, 2, 4 and 8 bits the table is indexed by whole code bytes (one lookup
+    per byte); otherwise by coordinate. Sums are accumulated in double in a
+    fixed order, so results do not depend on the thread count.
+
+    Parameters
+    ----------
+    codes : (n, ceil(d*bits/8)) uint8
+    bits : int in 1..8
+    centroids : (2**bits,) float64
+    queries : (m, d) float32 or float64 (already in the codes' rotated domain)
+    scales : (n,) float64
+    out : (m, n), same dtype as ``queries``; overwritten, or added to when
+        ``accumulate``
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
+    cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
+    cdef Py_ssize_t rows = table_rows(d, bits, row_bytes)
+    cdef Py_ssize_t q, i
+    cdef double value
+    cdef double* table
+    if n == 0 or m == 0:
+        return
+    table = <double*> malloc(rows * 256 * sizeof(double))
+    if table == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for q in range(m):
+                build_table(&queries[q, 0], d, bits, &centroids[0], table, rows)
+                for i in prange(n, num_threads=n_threads, schedule="static"):
+                    value = scales[i] * score_row(&codes[i, 0], table, d, bits, row_bytes)
+                    if accumulate:
+                        out[q, i] = <floating> (out[q, i] + value)
+                    else:
+                        out[q, i] = <floating> value
+    finally:
+        free(table)
+
+
+# ---------------------------------------------------------------------------
+# Weighted sums of codes (attention output)
+# ---------------------------------------------------------------------------
+
+cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
+                                  const double* centroids, const double[:, ::1] weights,
+                                  const double[::1] scales, Py_ssize_t q_start, Py_ssize_t q_count,
+                                  Py_ssize_t start, Py_ssize_t stop, Py_ssize_t d,
+                                  uint8_t* indices, double* partial) noexcept nogil:
+    """Sum ``weights[q, i] * scales[i] * centroids[index(i, :)]`` over tokens
+    ``start..stop`` into ``partial[q - q_start, :]`` for ``q_count`` queries."""
+    cdef Py_ssize_t row_bytes = codes.shape[1], i, j, q
+    cdef double w
+    cdef double* acc
+    for i in range(start, stop):
+        for j in range(d):
+            indices[(i - start) * d + j] = <uint8_t> read_index(&codes[i, 0], j, bits, row_bytes)
+    for q in range(q_count):
+        acc = partial + q * d
+        for j in range(d):
+            acc[j] = 0.0
+        for i in range(start, stop):
+            w = weights[q_start + q, i] * scales[i]
+            if w != 0.0:
+                for j in range(d):
+                    acc[j] += w * centroids[indices[(i - start) * d + j]]
+
+
+def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
+                     const double[:, ::1] weights, const double[::1] scales,
+                     double[:, ::1] out, int n_threads):
+    """Weighted sums of dequantized codes without materialising them.
+
+    ``out[q, :] = sum_i weights[q, i] * scales[i] * centroids[index(i, :)]``
+    (in the codes' rotated domain). Tokens are split into chunks whose size
+    depends only on ``n``; chunk partial sums are added in chunk order, so the
+    result is identical for every thread count.
+
+    Parameters
+    ----------
+    codes : (n, ceil(d*bits/8)) uint8
+    bits : int in 1..8
+    centroids : (2**bits,) float64
+    weights : (m, n) float64
+    scales : (n,) float64
+    out : (m, d) float64, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
+    cdef Py_ssize_t chunk = 256, query_block = 16
+    cdef Py_ssize_t n_chunks, c, q0, qn, q, j, k
+    cdef uint8_t* indices
+    cdef double* partial
+    cdef int t
+    out[:, :] = 0.0
+    if n == 0 or m == 0:
+        return
+    while (n + chunk - 1) // chunk > 256:
+        chunk *= 2
+    n_chunks = (n + chunk - 1) // chunk
+    indices = <uint8_t*> malloc(n_threads * chunk * d * sizeof(uint8_t))
+    partial = <double*> malloc(n_chunks * query_block * d * sizeof(double))
+    if indices == NULL or partial == NULL:
+        free(indices)
+        free(partial)
+        raise MemoryError()
+    try:
+        with nogil:
+            q0 = 0
+            while q0 < m:
+                qn = m - q0 if m - q0 < query_block else query_block
+                for c in prange(n_chunks, num_threads=n_threads, schedule="static"):
+                    t = tq_thread_num()
+                    accumulate_chunk(codes, bits, &centroids[0], weights, scales, q0, qn,
+                                     c * chunk, min((c + 1) * chunk, n), d,
+                                     indices + t * chunk * d, partial + c * query_block * d)
+                for c in range(n_chunks):
+                    for q in range(qn):
+                        for j in range(d):
+                            out[q0 + q, j] += partial[(c * query_block + q) * d + j]
+                q0 += qn
+    finally:
+        free(indices)
+        free(partial)

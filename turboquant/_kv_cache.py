@@ -1,0 +1,683 @@
+"""Quantized KV caches: :class:`QuantizedKVCache` (one head) and :class:`MultiHeadKVCache`.
+
+Token order inside a cache is chronological and made of three regions::
+
+    [ sink tokens | quantized tokens | recent tokens ]
+      float32       packed codes       float32
+
+Sink tokens (the first ``sink_tokens`` ever appended) are never evicted;
+recent tokens (the newest ``residual_tokens``) are quantized when they age
+out; the sliding window (``max_tokens``) evicts the oldest non-sink tokens.
+
+The read path never dequantizes: scores rotate each query once and read the
+packed key codes through lookup tables; attention outputs accumulate
+softmax-weighted value centroids in the rotated domain and rotate back once
+per query.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ._codes import packed_row_bytes
+from ._errors import InvalidParameterError, LengthMismatchError, NonFiniteError, ShapeError
+from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
+from ._quantizers import TurboQuantMSE, TurboQuantProd
+from ._row_buffer import RowBuffer
+from ._threads import resolve_n_threads
+from ._validation import as_rows, float_dtype_of
+
+FULL_PRECISION = np.float32
+
+
+def _layout_of(quantizer, prefix):
+    layout = {}
+    for name, (dtype, width) in quantizer.spec.row_layout().items():
+        layout[prefix + name] = (dtype, () if width is None else (width,))
+    return layout
+
+
+def _codes_view(quantizer, arrays, prefix):
+    """Trusted codes object over the buffer's live rows."""
+    names = quantizer.spec.row_layout()
+    return quantizer.codes_type(quantizer.spec, {name: arrays[prefix + name] for name in names})
+
+
+class _KeyCodec:
+    """Key quantization: one quantizer over all channels, or a main quantizer plus
+    a second one, with more bits, for the outlier channels."""
+
+    def __init__(self, config):
+        self.config = config
+        n_outliers = config.num_outlier_channels
+        self.main = self._quantizer(config.dim - n_outliers, config.key_bits, config.seed)
+        self.outlier = (self._quantizer(n_outliers, config.outlier_bits, config.seed + 1)
+                        if n_outliers else None)
+        self.layout = _layout_of(self.main, "main.")
+        if self.outlier is not None:
+            self.layout.update(_layout_of(self.outlier, "outlier."))
+        self.reset()
+
+    def _quantizer(self, dim, bits, seed):
+        c = self.config
+        if c.key_strategy is QuantStrategy.PROD:
+            return TurboQuantProd(dim, bits, seed=seed, rotation=c.rotation, sketch=c.sketch)
+        return TurboQuantMSE(dim, bits, seed=seed, rotation=c.rotation)
+
+    def reset(self):
+        """Forget automatically chosen outlier channels (explicit ones stay)."""
+        explicit = self.config.outlier_channels
+        self.channels = self.rest = None
+        if isinstance(explicit, tuple):
+            self._set_channels(np.array(explicit, dtype=np.intp))
+
+    def _set_channels(self, channels):
+        channels = np.sort(channels)
+        self.channels = channels
+        self.rest = np.setdiff1d(np.arange(self.config.dim), channels)
+        for array in (self.channels, self.rest):
+            array.setflags(write=False)
+
+    def channels_for(self, first_block):
+        """Outlier channels to use, choosing them from ``first_block`` if not chosen yet."""
+        if self.outlier is None or self.channels is not None:
+            return self.channels
+        magnitude = np.mean(np.abs(first_block), axis=0)
+        # Stable order: largest magnitude first, ties to the lower channel.
+        return np.sort(np.argsort(-magnitude, kind="stable")[: self.config.num_outlier_channels])
+
+    def encode(self, rows, channels, n_threads):
+        if self.outlier is None:
+            return self._encode_part(self.main, rows, "main.", n_threads)
+        rest = np.setdiff1d(np.arange(self.config.dim), channels)
+        arrays = self._encode_part(self.main, np.ascontiguousarray(rows[:, rest]), "main.", n_threads)
+        arrays.update(self._encode_part(
+            self.outlier, np.ascontiguousarray(rows[:, channels]), "outlier.", n_threads))
+        return arrays
+
+    @staticmethod
+    def _encode_part(quantizer, rows, prefix, n_threads):
+        codes = quantizer._quantize_rows(rows, n_threads)
+        return {prefix + name: array for name, array in codes._arrays.items()}
+
+    def scores(self, arrays, queries, n_threads):
+        n = len(next(iter(arrays.values())))
+        out = np.empty((queries.shape[0], n), dtype=queries.dtype)
+        if self.outlier is None:
+            self.main._inner_products(_codes_view(self.main, arrays, "main."), queries, out, n_threads)
+            return out
+        self.main._inner_products(_codes_view(self.main, arrays, "main."),
+                                  np.ascontiguousarray(queries[:, self.rest]), out, n_threads)
+        extra = np.empty_like(out)
+        self.outlier._inner_products(_codes_view(self.outlier, arrays, "outlier."),
+                                     np.ascontiguousarray(queries[:, self.channels]), extra, n_threads)
+        out += extra
+        return out
+
+    def decode(self, arrays, dtype, n_threads):
+        main = self.main._dequantize(_codes_view(self.main, arrays, "main."), dtype, n_threads)
+        if self.outlier is None:
+            return main
+        out = np.empty((main.shape[0], self.config.dim), dtype=dtype)
+        out[:, self.rest] = main
+        out[:, self.channels] = self.outlier._dequantize(
+            _codes_view(self.outlier, arrays, "outlier."), dtype, n_threads)
+        return out
+
+    def codes(self, arrays):
+        """(main codes, outlier codes or None) over ``arrays``."""
+        main = _codes_view(self.main, arrays, "main.")
+        return main, (None if self.outlier is None else _codes_view(self.outlier, arrays, "outlier."))
+
+
+class _ValueCodec:
+    """Value quantization with :class:`TurboQuantMSE`."""
+
+    def __init__(self, config):
+        self.quantizer = TurboQuantMSE(config.dim, config.value_bits, seed=config.seed + 2,
+                                       rotation=config.rotation)
+        self.layout = _layout_of(self.quantizer, "")
+
+    def encode(self, rows, n_threads):
+        return dict(self.quantizer._quantize_rows(rows, n_threads)._arrays)
+
+    def decode(self, arrays, dtype, n_threads):
+        return self.quantizer._dequantize(self.codes(arrays), dtype, n_threads)
+
+    def weighted_sum(self, arrays, weights, n_threads):
+        return self.quantizer.weighted_sum_rows(arrays["indices"], arrays["norms"], weights, n_threads)
+
+    def codes(self, arrays):
+        return _codes_view(self.quantizer, arrays, "")
+
+
+class _PendingAppend:
+    """Everything an append will change, computed before anything changes."""
+
+    __slots__ = ("sink_keys", "sink_values", "drop_quantized", "key_arrays", "value_arrays",
+                 "drop_recent", "recent_keys", "recent_values", "channels", "added")
+
+
+def _softmax(logits):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def _check_scale(scale, dim):
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise InvalidParameterError(f"scale must be a real number or None, got {scale!r}")
+    if not math.isfinite(scale):
+        raise NonFiniteError(f"scale must be finite, got {scale!r}")
+    return float(scale)
+
+
+class QuantizedKVCache:
+    """A quantized key/value cache for one attention head.
+
+    Parameters
+    ----------
+    config : KVCacheConfig
+        Settings; see :class:`KVCacheConfig`.
+
+    Notes
+    -----
+    Keys and values of any finite norm are accepted (norms are stored as
+    float32). Every method that changes the cache validates all of its input
+    first: on any error the cache is left exactly as it was. Sink and recent
+    tokens are held as float32. Heavy methods take ``n_threads`` (see
+    :func:`turboquant.resolve_n_threads`); results do not depend on it.
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, KVCacheConfig):
+            raise InvalidParameterError(f"config must be a KVCacheConfig, got {type(config).__name__}")
+        self.config = config
+        self._keys = _KeyCodec(config)
+        self._values = _ValueCodec(config)
+        full = {"k": (FULL_PRECISION, (config.dim,)), "v": (FULL_PRECISION, (config.dim,))}
+        self._sinks = RowBuffer(full)
+        self._recent = RowBuffer(full)
+        self._quantized = RowBuffer({**self._keys.layout, **{"value." + k: v for k, v in self._values.layout.items()}})
+
+    # -- properties ---------------------------------------------------------------
+    @property
+    def dim(self):
+        """Head dimension."""
+        return self.config.dim
+
+    @property
+    def max_tokens(self):
+        """Sliding-window size (0: unlimited)."""
+        return self.config.max_tokens
+
+    @property
+    def num_tokens(self):
+        """Tokens held: sinks, quantized and recent."""
+        return len(self._sinks) + len(self._quantized) + len(self._recent)
+
+    def __len__(self):
+        return self.num_tokens
+
+    @property
+    def key_quantizer(self):
+        """The quantizer of the (non-outlier) key channels."""
+        return self._keys.main
+
+    @property
+    def outlier_key_quantizer(self):
+        """The quantizer of the outlier key channels, or None."""
+        return self._keys.outlier
+
+    @property
+    def value_quantizer(self):
+        """The value quantizer (:class:`TurboQuantMSE`)."""
+        return self._values.quantizer
+
+    @property
+    def outlier_channels(self):
+        """Indices of the outlier key channels in use (None until chosen, or when disabled)."""
+        return self._keys.channels
+
+    def quantized_codes(self):
+        """Codes of the quantized region: ``(key codes, outlier key codes or None, value codes)``.
+
+        Read-only views; they keep showing these tokens after later appends.
+        """
+        views = self._quantized.views()
+        main, outlier = self._keys.codes(views)
+        values = self._values.codes({k[len("value."):]: v for k, v in views.items() if k.startswith("value.")})
+        return main, outlier, values
+
+    # -- writing -------------------------------------------------------------------
+    def _rows(self, array, name):
+        rows, _ = as_rows(array, self.config.dim, name)
+        return rows
+
+    def _check_block(self, keys, values):
+        keys_arr, values_arr = np.asarray(keys), np.asarray(values)
+        if keys_arr.ndim != 2 or values_arr.ndim != 2:
+            raise ShapeError(
+                f"keys and values must be (n, {self.dim}) arrays; got shapes {keys_arr.shape} and {values_arr.shape}")
+        if keys_arr.shape[0] != values_arr.shape[0]:
+            raise LengthMismatchError(
+                f"keys has {keys_arr.shape[0]} rows but values has {values_arr.shape[0]}")
+        return self._rows(keys_arr, "keys"), self._rows(values_arr, "values")
+
+    def _prepare_append(self, keys, values, n_threads):
+        """Plan and quantize an append without changing the cache (raises on bad input)."""
+        c = self.config
+        n = keys.shape[0]
+        plan = _PendingAppend()
+        plan.added = n
+        take_sinks = min(c.sink_tokens - len(self._sinks), n)
+        plan.sink_keys, plan.sink_values = keys[:take_sinks], values[:take_sinks]
+        rest_k, rest_v = keys[take_sinks:], values[take_sinks:]
+        plan.channels = self._keys.channels
+        if plan.channels is None and self._keys.outlier is not None and n:
+            plan.channels = self._keys.channels_for(keys)
+
+        # Recent window: existing recent rows followed by the new ones; the
+        # oldest beyond residual_tokens overflow into the quantized region.
+        recent_old = len(self._recent)
+        recent_total = recent_old + rest_k.shape[0]
+        overflow = max(0, recent_total - c.residual_tokens)
+        # Sliding window: evict the oldest non-sink tokens beyond max_tokens.
+        total = len(self._sinks) + take_sinks + len(self._quantized) + recent_total
+        excess = max(0, total - c.max_tokens) if c.max_tokens else 0
+        drop_quantized = min(excess, len(self._quantized))
+        drop_overflow = min(excess - drop_quantized, overflow)
+        drop_window = excess - drop_quantized - drop_overflow
+        plan.drop_quantized = drop_quantized
+
+        # Rows (by position in "old recent ++ new") that get quantized, and that stay recent.
+        old_recent = self._recent.views()
+        def window_rows(start, stop):
+            parts_k, parts_v = [], []
+            if start < recent_old:
+                parts_k.append(old_recent["k"][start:min(stop, recent_old)])
+                parts_v.append(old_recent["v"][start:min(stop, recent_old)])
+            if stop > recent_old:
+                lo = max(start, recent_old) - recent_old
+                parts_k.append(rest_k[lo:stop - recent_old])
+                parts_v.append(rest_v[lo:stop - recent_old])
+            return parts_k, parts_v
+
+        to_quantize_k, to_quantize_v = window_rows(drop_overflow, overflow)
+        keep_start = overflow + drop_window
+        plan.drop_recent = min(keep_start, recent_old)
+        new_start = max(keep_start, recent_old) - recent_old
+        plan.recent_keys, plan.recent_values = rest_k[new_start:], rest_v[new_start:]
+
+        plan.key_arrays = plan.value_arrays = None
+        if overflow - drop_overflow > 0:
+            qk = np.ascontiguousarray(np.concatenate(to_quantize_k)) if len(to_quantize_k) > 1 else to_quantize_k[0]
+            qv = np.ascontiguousarray(np.concatenate(to_quantize_v)) if len(to_quantize_v) > 1 else to_quantize_v[0]
+            if qk.dtype != keys.dtype:
+                qk = qk.astype(keys.dtype)
+            if qv.dtype != values.dtype:
+                qv = qv.astype(values.dtype)
+            plan.key_arrays = self._keys.encode(np.ascontiguousarray(qk), plan.channels, n_threads)
+            plan.value_arrays = self._values.encode(np.ascontiguousarray(qv), n_threads)
+        return plan
+
+    def _commit(self, plan):
+        if plan.channels is not None and self._keys.channels is None:
+            self._keys._set_channels(np.asarray(plan.channels))
+        self._sinks.append({"k": plan.sink_keys, "v": plan.sink_values})
+        self._quantized.drop_front(plan.drop_quantized)
+        if plan.key_arrays is not None:
+            rows = dict(plan.key_arrays)
+            rows.update({"value." + k: v for k, v in plan.value_arrays.items()})
+            self._quantized.append(rows)
+        self._recent.drop_front(plan.drop_recent)
+        self._recent.append({"k": plan.recent_keys, "v": plan.recent_values})
+
+    def append(self, keys, values, *, n_threads=None):
+        """Append a block of tokens.
+
+        Parameters
+        ----------
+        keys, values : array_like, shape (n, dim)
+            Finite real values of any norm; ``n`` may be 0.
+        n_threads : int or None, default=None
+
+        Raises
+        ------
+        ShapeError, LengthMismatchError, NonFiniteError, DTypeError
+            On any invalid input; the cache is then unchanged.
+        """
+        keys, values = self._check_block(keys, values)
+        self._commit(self._prepare_append(keys, values, resolve_n_threads(n_threads)))
+
+    def push_token(self, key, value, *, n_threads=None):
+        """Append one token: ``key`` and ``value`` of shape (dim,)."""
+        key_arr, value_arr = np.asarray(key), np.asarray(value)
+        if key_arr.ndim != 1 or value_arr.ndim != 1:
+            raise ShapeError(
+                f"key and value must be ({self.dim},) vectors; got shapes {key_arr.shape} and {value_arr.shape}")
+        keys, values = self._rows(key_arr, "key"), self._rows(value_arr, "value")
+        self._commit(self._prepare_append(keys, values, resolve_n_threads(n_threads)))
+
+    def clear(self):
+        """Remove every token (and automatically chosen outlier channels)."""
+        for buffer in (self._sinks, self._quantized, self._recent):
+            buffer.clear()
+        self._keys.reset()
+
+    # -- reading -------------------------------------------------------------------
+    def _queries(self, query):
+        return as_rows(query, self.config.dim, "query")
+
+    def _scores(self, queries, n_threads):
+        """(m, num_tokens) raw scores in the queries' dtype, in token order."""
+        parts = []
+        sinks, recent = self._sinks.views(), self._recent.views()
+        if len(self._sinks):
+            parts.append(queries @ sinks["k"].T.astype(queries.dtype))
+        if len(self._quantized):
+            parts.append(self._keys.scores(self._quantized.views(), queries, n_threads))
+        if len(self._recent):
+            parts.append(queries @ recent["k"].T.astype(queries.dtype))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.empty((queries.shape[0], 0), dtype=queries.dtype)
+        return np.concatenate(parts, axis=1)
+
+    def attention_scores(self, query, *, n_threads=None):
+        """Estimated ``<query, key>`` for every cached token, oldest first.
+
+        Parameters
+        ----------
+        query : array_like, shape (dim,) or (m, dim)
+        n_threads : int or None, default=None
+
+        Returns
+        -------
+        ndarray, shape (num_tokens,) or (m, num_tokens)
+            In the query's float dtype; empty when the cache is empty.
+        """
+        queries, was_1d = self._queries(query)
+        scores = self._scores(queries, resolve_n_threads(n_threads))
+        return scores[0] if was_1d else scores
+
+    def attention_weights(self, query, scale=None, *, n_threads=None):
+        """``softmax(scale * attention_scores(query))`` over the cached tokens, float64."""
+        queries, was_1d = self._queries(query)
+        scale = _check_scale(scale, self.dim)
+        weights = _softmax(self._scores(queries, resolve_n_threads(n_threads)).astype(np.float64) * scale) \
+            if self.num_tokens else np.empty((queries.shape[0], 0))
+        return weights[0] if was_1d else weights
+
+    def attention_output(self, query, scale=None, *, n_threads=None):
+        """Attention of the query over the cache: ``softmax(scale * scores) @ values``.
+
+        Parameters
+        ----------
+        query : array_like, shape (dim,) or (m, dim)
+        scale : float or None, default=None
+            Multiplies the scores before the softmax; ``None`` means
+            ``1/sqrt(dim)`` (PyTorch's ``scaled_dot_product_attention``).
+        n_threads : int or None, default=None
+
+        Returns
+        -------
+        ndarray, shape (dim,) or (m, dim)
+            In the query's float dtype; zeros when the cache is empty.
+        """
+        queries, was_1d = self._queries(query)
+        scale = _check_scale(scale, self.dim)
+        n_threads = resolve_n_threads(n_threads)
+        out = np.zeros((queries.shape[0], self.dim))
+        if self.num_tokens:
+            weights = _softmax(self._scores(queries, n_threads).astype(np.float64) * scale)
+            n_sinks, n_quant = len(self._sinks), len(self._quantized)
+            if n_sinks:
+                out += weights[:, :n_sinks] @ self._sinks.views()["v"]
+            if n_quant:
+                block = np.ascontiguousarray(weights[:, n_sinks:n_sinks + n_quant])
+                views = self._quantized.views()
+                value_arrays = {k[len("value."):]: v for k, v in views.items() if k.startswith("value.")}
+                out += self._values.weighted_sum(value_arrays, block, n_threads)
+            if len(self._recent):
+                out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
+        out = out.astype(queries.dtype, copy=False)
+        return out[0] if was_1d else out
+
+    def _reconstruct(self, which, dtype, n_threads):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise InvalidParameterError(f"dtype must be float32 or float64, got {dtype}")
+        n_threads = resolve_n_threads(n_threads)
+        parts = [self._sinks.views()[which].astype(dtype)]
+        if len(self._quantized):
+            views = self._quantized.views()
+            if which == "k":
+                parts.append(self._keys.decode(views, dtype, n_threads))
+            else:
+                value_arrays = {k[len("value."):]: v for k, v in views.items() if k.startswith("value.")}
+                parts.append(self._values.decode(value_arrays, dtype, n_threads))
+        parts.append(self._recent.views()[which].astype(dtype))
+        return np.concatenate(parts, axis=0)
+
+    def reconstruct_keys(self, *, dtype=np.float64, n_threads=None):
+        """Keys as the cache holds them, dequantized: (num_tokens, dim), oldest first."""
+        return self._reconstruct("k", dtype, n_threads)
+
+    def reconstruct_values(self, *, dtype=np.float64, n_threads=None):
+        """Values as the cache holds them, dequantized: (num_tokens, dim), oldest first."""
+        return self._reconstruct("v", dtype, n_threads)
+
+    # -- accounting ----------------------------------------------------------------
+    def stats(self):
+        """Byte-exact memory accounting (:class:`CacheStats`)."""
+        c = self.config
+        views = self._quantized.views()
+        key_bytes = sum(v.nbytes for k, v in views.items() if not k.startswith("value."))
+        value_bytes = sum(v.nbytes for k, v in views.items() if k.startswith("value."))
+        for buffer in (self._sinks, self._recent):
+            full = buffer.views()
+            key_bytes += full["k"].nbytes
+            value_bytes += full["v"].nbytes
+        n = self.num_tokens
+        total = key_bytes + value_bytes
+        uncompressed = n * c.dim * 4 * 2
+        per_channel = 8.0 / (n * c.dim) if n else 0.0
+        return CacheStats(
+            num_tokens=n, dim=c.dim, key_bits=c.key_bits, value_bits=c.value_bits,
+            key_strategy=c.key_strategy, key_bytes=key_bytes, value_bytes=value_bytes,
+            total_bytes=total, uncompressed_bytes=uncompressed,
+            compression_ratio=uncompressed / total if total else 0.0,
+            quantized_tokens=len(self._quantized),
+            full_precision_tokens=len(self._sinks) + len(self._recent),
+            key_bits_per_channel=key_bytes * per_channel,
+            value_bits_per_channel=value_bytes * per_channel,
+        )
+
+    def __repr__(self):
+        c = self.config
+        extras = "".join(
+            f", {name}={getattr(c, name)}" for name in ("max_tokens", "sink_tokens", "residual_tokens")
+            if getattr(c, name))
+        if c.num_outlier_channels:
+            extras += f", outlier_channels={c.num_outlier_channels}@{c.outlier_bits}b"
+        return (f"QuantizedKVCache(dim={c.dim}, tokens={self.num_tokens}, key={c.key_strategy.value}"
+                f"@{c.key_bits}b, value=mse@{c.value_bits}b{extras})")
+
+
+class MultiHeadKVCache:
+    """Quantized KV caches for every KV head of a layer, with grouped-query attention.
+
+    Parameters
+    ----------
+    config : MultiHeadConfig
+
+    Notes
+    -----
+    KV head ``h`` uses seed ``head_config.seed + 1000 h``. Queries are given
+    per query head: ``(num_query_heads, dim)`` or ``(num_query_heads, m, dim)``;
+    KV head ``h`` serves query heads ``h*g .. h*g + g - 1``.
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, MultiHeadConfig):
+            raise InvalidParameterError(f"config must be a MultiHeadConfig, got {type(config).__name__}")
+        self.config = config
+        base = config.head_config
+        self._heads = tuple(
+            QuantizedKVCache(_replace_seed(base, config.head_seed(h))) for h in range(config.num_heads))
+
+    @property
+    def num_heads(self):
+        """Number of KV heads."""
+        return self.config.num_heads
+
+    @property
+    def num_query_heads(self):
+        return self.config.num_query_heads
+
+    @property
+    def head_dim(self):
+        return self.config.head_config.dim
+
+    @property
+    def num_tokens(self):
+        return self._heads[0].num_tokens
+
+    def __len__(self):
+        return self.num_tokens
+
+    def head(self, index):
+        """The :class:`QuantizedKVCache` of KV head ``index`` (IndexError when out of range)."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise InvalidParameterError(f"head index must be an integer, got {index!r}")
+        if not 0 <= index < self.num_heads:
+            raise IndexError(f"head {index} is out of range for {self.num_heads} heads")
+        return self._heads[index]
+
+    @property
+    def heads(self):
+        return self._heads
+
+    def _head_blocks(self, array, name):
+        arr = np.asarray(array)
+        if arr.ndim != 3:
+            raise ShapeError(f"{name} has shape {arr.shape}; expected ({self.num_heads}, n, {self.head_dim})")
+        if arr.shape[0] != self.num_heads:
+            raise LengthMismatchError(f"{name} has {arr.shape[0]} heads; expected {self.num_heads}")
+        return arr
+
+    def append_all(self, keys, values, *, n_threads=None):
+        """Append ``(num_heads, n, head_dim)`` keys and values to every head.
+
+        Every head's input is validated and quantized before any head changes.
+        """
+        keys, values = self._head_blocks(keys, "keys"), self._head_blocks(values, "values")
+        if keys.shape[1] != values.shape[1]:
+            raise LengthMismatchError(f"keys have {keys.shape[1]} tokens but values have {values.shape[1]}")
+        n_threads = resolve_n_threads(n_threads)
+        plans = []
+        for head, k, v in zip(self._heads, keys, values):
+            k_rows, v_rows = head._check_block(k, v)
+            plans.append(head._prepare_append(k_rows, v_rows, n_threads))
+        for head, plan in zip(self._heads, plans):
+            head._commit(plan)
+
+    def push_token_all(self, keys, values, *, n_threads=None):
+        """Append one token to every head: ``(num_heads, head_dim)`` keys and values."""
+        keys, values = np.asarray(keys), np.asarray(values)
+        if keys.ndim != 2 or values.ndim != 2:
+            raise ShapeError(
+                f"keys and values must be ({self.num_heads}, {self.head_dim}); got {keys.shape} and {values.shape}")
+        self.append_all(keys[:, None, :], values[:, None, :], n_threads=n_threads)
+
+    def _grouped_queries(self, queries):
+        arr = np.asarray(queries)
+        if arr.ndim not in (2, 3) or arr.shape[0] != self.num_query_heads:
+            raise ShapeError(
+                f"queries has shape {arr.shape}; expected ({self.num_query_heads}, {self.head_dim}) "
+                f"or ({self.num_query_heads}, m, {self.head_dim})")
+        was_2d = arr.ndim == 2
+        if was_2d:
+            arr = arr[:, None, :]
+        g, m = self.config.group_size, arr.shape[1]
+        # Validate every head's block before computing anything.
+        blocks = [as_rows(arr[h * g:(h + 1) * g].reshape(g * m, arr.shape[2]), self.head_dim, "queries")[0]
+                  for h in range(self.num_heads)]
+        return blocks, g, m, was_2d
+
+    def _per_head(self, queries, compute):
+        blocks, g, m, was_2d = self._grouped_queries(queries)
+        results = [compute(head, block) for head, block in zip(self._heads, blocks)]
+        width = results[0].shape[1]
+        out = np.stack([r.reshape(g, m, width) for r in results]).reshape(self.num_query_heads, m, width)
+        return out[:, 0, :] if was_2d else out
+
+    def attention_scores_all(self, queries, *, n_threads=None):
+        """Scores of every query head over its KV head's tokens.
+
+        Returns
+        -------
+        ndarray, shape (num_query_heads, num_tokens) or (num_query_heads, m, num_tokens)
+        """
+        n_threads = resolve_n_threads(n_threads)
+        return self._per_head(queries, lambda head, q: head.attention_scores(q, n_threads=n_threads))
+
+    def attention_output_all(self, queries, scale=None, *, n_threads=None):
+        """Attention output of every query head.
+
+        Returns
+        -------
+        ndarray, shape (num_query_heads, head_dim) or (num_query_heads, m, head_dim)
+        """
+        n_threads = resolve_n_threads(n_threads)
+        _check_scale(scale, self.head_dim)
+        return self._per_head(queries, lambda head, q: head.attention_output(q, scale, n_threads=n_threads))
+
+    def concat_outputs(self, outputs):
+        """Concatenate per-query-head outputs: ``(H, dim)`` -> ``(H*dim,)``, ``(H, m, dim)`` -> ``(m, H*dim)``."""
+        arr = np.asarray(outputs)
+        heads = self.num_query_heads
+        if arr.ndim not in (2, 3) or arr.shape[0] != heads or arr.shape[-1] != self.head_dim:
+            raise LengthMismatchError(
+                f"outputs has shape {arr.shape}; expected ({heads}, {self.head_dim}) or ({heads}, m, {self.head_dim})")
+        if arr.ndim == 2:
+            return arr.reshape(heads * self.head_dim)
+        return np.ascontiguousarray(arr.transpose(1, 0, 2)).reshape(arr.shape[1], heads * self.head_dim)
+
+    def reconstruct_keys_all(self, *, dtype=np.float64, n_threads=None):
+        """(num_heads, num_tokens, head_dim) dequantized keys."""
+        return np.stack([h.reconstruct_keys(dtype=dtype, n_threads=n_threads) for h in self._heads])
+
+    def reconstruct_values_all(self, *, dtype=np.float64, n_threads=None):
+        """(num_heads, num_tokens, head_dim) dequantized values."""
+        return np.stack([h.reconstruct_values(dtype=dtype, n_threads=n_threads) for h in self._heads])
+
+    def stats(self):
+        """Totals and per-head :class:`CacheStats` (:class:`MultiHeadCacheStats`)."""
+        head_stats = tuple(h.stats() for h in self._heads)
+        total = sum(s.total_bytes for s in head_stats)
+        uncompressed = sum(s.uncompressed_bytes for s in head_stats)
+        return MultiHeadCacheStats(
+            num_heads=self.num_heads, num_tokens=self.num_tokens, head_dim=self.head_dim,
+            total_bytes=total, uncompressed_bytes=uncompressed,
+            compression_ratio=uncompressed / total if total else 0.0, head_stats=head_stats)
+
+    def clear(self):
+        """Remove every token from every head."""
+        for head in self._heads:
+            head.clear()
+
+    def __repr__(self):
+        c = self.config
+        return (f"MultiHeadKVCache(kv_heads={c.num_heads}, query_heads={c.num_query_heads}, "
+                f"head_dim={self.head_dim}, tokens={self.num_tokens}, head={self._heads[0]!r})")
+
+
+def _replace_seed(config, seed):
+    return dataclasses.replace(config, seed=seed)

@@ -1,0 +1,156 @@
+"""Seeded random rotations and sketches.
+
+Two kinds of orthogonal rotation, both drawn once from
+``numpy.random.default_rng`` at construction:
+
+``"dense"``
+    A Haar-distributed orthogonal matrix: the Q of a QR decomposition of a
+    standard Gaussian matrix, with the signs of R's diagonal moved into Q. This
+    is the paper's choice. Applying it is a matrix product (BLAS through numpy).
+
+``"hadamard"``
+    A randomized Hadamard transform in O(d log d), computed by the ``_core``
+    kernels for any ``d >= 2``. With ``B`` the largest power of two ``<= d``,
+    one round is: multiply every coordinate by an independent random sign,
+    apply the orthonormal Walsh-Hadamard transform ``H_B`` to the first ``B``
+    coordinates, then (only when ``B < d``) apply ``H_B`` to the last ``B``
+    coordinates. The two blocks overlap (``B > d/2``), so after one round every
+    coordinate of the tail depends on every input, and a second round spreads
+    that to the head. Two rounds are used; each step is orthogonal, so the whole
+    map is an exact rotation and its inverse runs the steps backwards.
+
+The QJL sketch ``S`` of :class:`GaussianSketch` is an i.i.d. N(0, 1) matrix (not
+orthogonal); its transpose is applied for reconstruction.
+"""
+
+import numpy as np
+
+from . import _core
+from ._validation import check_choice
+
+ROTATIONS = ("dense", "hadamard")
+SKETCHES = ("gaussian", "hadamard")
+HADAMARD_ROUNDS = 2
+
+
+def seeded_rng(seed, stream):
+    """Independent generator for one role (rotation, sketch, ...) of one seed."""
+    return np.random.default_rng([seed, stream])
+
+
+def _readonly(array):
+    array.setflags(write=False)
+    return array
+
+
+class _MatrixTransform:
+    """``y = x @ matrix.T`` and its transpose ``x = y @ matrix``, in the input's dtype."""
+
+    def __init__(self, matrix):
+        self.matrix = _readonly(np.ascontiguousarray(matrix, dtype=np.float64))
+        self._matrix32 = _readonly(self.matrix.astype(np.float32))
+
+    def _for(self, dtype):
+        return self._matrix32 if dtype == np.float32 else self.matrix
+
+    def apply(self, x, n_threads):
+        """Rows of ``x`` multiplied by the matrix (``x @ M.T``), C-contiguous."""
+        return np.ascontiguousarray(x @ self._for(x.dtype).T)
+
+    def apply_transpose(self, y, n_threads):
+        """Rows of ``y`` multiplied by the transpose (``y @ M``), C-contiguous."""
+        return np.ascontiguousarray(y @ self._for(y.dtype))
+
+    @property
+    def nbytes(self):
+        return self.matrix.nbytes + self._matrix32.nbytes
+
+
+class DenseRotation(_MatrixTransform):
+    """Haar-random orthogonal rotation of R^dim.
+
+    Parameters
+    ----------
+    dim : int
+    rng : numpy.random.Generator
+    """
+
+    orthogonal = True
+
+    def __init__(self, dim, rng):
+        gaussian = rng.standard_normal((dim, dim))
+        q, r = np.linalg.qr(gaussian)
+        signs = np.sign(np.diag(r))
+        signs[signs == 0] = 1.0
+        super().__init__(q * signs)
+        self.dim = dim
+
+    inverse = _MatrixTransform.apply_transpose
+
+
+class GaussianSketch(_MatrixTransform):
+    """The QJL sketch: a dim x dim matrix of i.i.d. standard normal entries."""
+
+    orthogonal = False
+
+    def __init__(self, dim, rng):
+        super().__init__(rng.standard_normal((dim, dim)))
+        self.dim = dim
+
+
+class HadamardRotation:
+    """Randomized Hadamard rotation of R^dim for any dim >= 2 (see module docs).
+
+    Parameters
+    ----------
+    dim : int
+    rng : numpy.random.Generator
+    """
+
+    orthogonal = True
+
+    def __init__(self, dim, rng):
+        self.dim = dim
+        self.block = 1 << (dim.bit_length() - 1)
+        signs = rng.integers(0, 2, size=(HADAMARD_ROUNDS, dim)) * 2.0 - 1.0
+        self.signs = _readonly(np.ascontiguousarray(signs, dtype=np.float64))
+
+    def _run(self, x, inverse, n_threads):
+        out = np.empty_like(x)
+        if x.shape[0]:
+            _core.hadamard_rotate(x, out, self.signs, self.block, inverse, n_threads)
+        return out
+
+    def apply(self, x, n_threads):
+        """Rotate every row of the C-contiguous float array ``x``."""
+        return self._run(x, False, n_threads)
+
+    def inverse(self, y, n_threads):
+        """Undo :meth:`apply` on every row."""
+        return self._run(y, True, n_threads)
+
+    apply_transpose = inverse
+
+    @property
+    def matrix(self):
+        """The rotation as a dense (dim, dim) float64 matrix (for tests and inspection)."""
+        eye = np.eye(self.dim)
+        return self.apply(eye, 1).T
+
+    @property
+    def nbytes(self):
+        return self.signs.nbytes
+
+
+def make_rotation(kind, dim, seed):
+    """Build the rotation ``kind`` ("dense" or "hadamard") for ``(dim, seed)``."""
+    check_choice(kind, "rotation", ROTATIONS)
+    rng = seeded_rng(seed, 0)
+    return DenseRotation(dim, rng) if kind == "dense" else HadamardRotation(dim, rng)
+
+
+def make_sketch(kind, dim, seed):
+    """Build the QJL sketch ``kind`` ("gaussian" or "hadamard") for ``(dim, seed)``."""
+    check_choice(kind, "sketch", SKETCHES)
+    rng = seeded_rng(seed, 1)
+    return GaussianSketch(dim, rng) if kind == "gaussian" else HadamardRotation(dim, rng)

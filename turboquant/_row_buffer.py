@@ -1,0 +1,83 @@
+"""Growable storage of row-aligned arrays with cheap eviction of the oldest rows.
+
+Used by the KV cache so that appending one token costs O(1) amortised instead
+of copying the whole history.
+"""
+
+import numpy as np
+
+
+class RowBuffer:
+    """Row-aligned arrays that grow at the end and shrink at the front.
+
+    Parameters
+    ----------
+    layout : dict
+        ``{name: (dtype, row_shape)}``; ``row_shape`` is a tuple (``()`` for
+        one scalar per row).
+
+    Notes
+    -----
+    Rows are only ever written once, into free capacity past the live rows;
+    growth reallocates. Views returned by :meth:`views` therefore keep showing
+    the rows they showed when taken, whatever is appended or dropped later.
+    """
+
+    def __init__(self, layout):
+        self.layout = {name: (np.dtype(dtype), tuple(shape)) for name, (dtype, shape) in layout.items()}
+        self.clear()
+
+    def clear(self):
+        """Drop every row and release the storage."""
+        self._arrays = self._allocate(0)
+        self._start = 0
+        self._stop = 0
+
+    def _allocate(self, capacity):
+        return {name: np.empty((capacity,) + shape, dtype=dtype)
+                for name, (dtype, shape) in self.layout.items()}
+
+    def __len__(self):
+        return self._stop - self._start
+
+    @property
+    def capacity(self):
+        return next(iter(self._arrays.values())).shape[0]
+
+    def append(self, rows):
+        """Append the row arrays ``rows`` (a dict with every name of the layout)."""
+        count = next(iter(rows.values())).shape[0]
+        if count == 0:
+            return
+        if self._stop + count > self.capacity:
+            live = len(self)
+            grown = self._allocate(max(16, 2 * (live + count)))
+            for name, array in self._arrays.items():
+                grown[name][:live] = array[self._start:self._stop]
+            self._arrays, self._start, self._stop = grown, 0, live
+        for name, array in self._arrays.items():
+            array[self._stop:self._stop + count] = rows[name]
+        self._stop += count
+
+    def drop_front(self, count):
+        """Forget the ``count`` oldest rows (``0 <= count <= len(self)``)."""
+        self._start += count
+
+    def views(self):
+        """Read-only views of the live rows, ``{name: ndarray}``."""
+        out = {}
+        for name, array in self._arrays.items():
+            view = array[self._start:self._stop]
+            view.setflags(write=False)
+            out[name] = view
+        return out
+
+    @property
+    def nbytes(self):
+        """Bytes of the live rows (what the rows need, not the spare capacity)."""
+        return sum(array[self._start:self._stop].nbytes for array in self._arrays.values())
+
+    @property
+    def allocated_bytes(self):
+        """Bytes allocated, spare capacity included."""
+        return sum(array.nbytes for array in self._arrays.values())

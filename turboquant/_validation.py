@@ -1,0 +1,93 @@
+"""Input checking shared by every public entry point.
+
+Arrays are converted once, here, to C-contiguous float32 or float64; everything
+behind this boundary may assume it.
+"""
+
+import numbers
+import operator
+
+import numpy as np
+
+from ._errors import DTypeError, InvalidParameterError, NonFiniteError, ShapeError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_int(value, name, *, low=None, high=None):
+    """Return ``value`` as a Python int, checking type and range (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise InvalidParameterError(f"{name} must be an integer, got {value!r}")
+    value = operator.index(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            expected = f">= {low}"
+        elif low is None:
+            expected = f"<= {high}"
+        else:
+            expected = f"in {low}..{high}"
+        raise InvalidParameterError(f"{name} must be an integer {expected}, got {value}")
+    return value
+
+
+def check_choice(value, name, choices):
+    """Return ``value`` when it is one of ``choices`` (strings), else raise."""
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise InvalidParameterError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def float_dtype_of(array, name):
+    """The float dtype an input is computed in: float32 stays float32, every
+    other real dtype (float16, integers, bool) becomes float64."""
+    dtype = array.dtype
+    if dtype in FLOAT_DTYPES:
+        return dtype
+    if dtype.kind in "biuf":
+        return np.dtype(np.float64)
+    raise DTypeError(
+        f"{name} has dtype {dtype}; expected a real floating or integer dtype"
+    )
+
+
+def as_rows(x, dim, name, *, dtype=None):
+    """Validate a vector or a block of vectors and return it as a C-contiguous
+    ``(n, dim)`` float array.
+
+    Parameters
+    ----------
+    x : array_like, shape (dim,) or (n, dim)
+    dim : int
+    name : str
+        Used in error messages.
+    dtype : numpy dtype, optional
+        Force this float dtype instead of following the input's.
+
+    Returns
+    -------
+    rows : ndarray, shape (n, dim), float32 or float64, C-contiguous
+    was_1d : bool
+
+    Raises
+    ------
+    DTypeError, ShapeError, NonFiniteError
+    """
+    array = np.asarray(x)
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise DTypeError(
+            f"{name} has dtype {array.dtype}; expected a real floating or integer dtype"
+        )
+    if array.ndim not in (1, 2):
+        raise ShapeError(
+            f"{name} has shape {array.shape}; expected ({dim},) or (n, {dim})"
+        )
+    if array.shape[-1] != dim:
+        expected = f"({dim},)" if array.ndim == 1 else f"(n, {dim})"
+        raise ShapeError(f"{name} has shape {array.shape}; expected {expected}")
+    target = float_dtype_of(array, name) if dtype is None else np.dtype(dtype)
+    was_1d = array.ndim == 1
+    rows = np.ascontiguousarray(array.reshape(1, dim) if was_1d else array, dtype=target)
+    if not np.isfinite(rows).all():
+        raise NonFiniteError(f"{name} contains NaN or infinity")
+    return rows, was_1d
