@@ -404,27 +404,53 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
 # ---------------------------------------------------------------------------
 
 cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
-                                  const double* centroids, const double[:, ::1] weights,
-                                  const double[::1] scales, Py_ssize_t q_start, Py_ssize_t q_count,
+                                  const double* centroids, const double* byte_table,
+                                  const double[:, ::1] weights, const double[::1] scales,
+                                  Py_ssize_t q_start, Py_ssize_t q_count,
                                   Py_ssize_t start, Py_ssize_t stop, Py_ssize_t d,
-                                  uint8_t* indices, double* partial) noexcept nogil:
+                                  double* partial) noexcept nogil:
     """Sum ``weights[q, i] * scales[i] * centroids[index(i, :)]`` over tokens
-    ``start..stop`` into ``partial[q - q_start, :]`` for ``q_count`` queries."""
-    cdef Py_ssize_t row_bytes = codes.shape[1], i, j, q
+    ``start..stop`` into ``partial[q - q_start, :]`` for ``q_count`` queries.
+
+    When indices tile bytes, ``byte_table[v * per_byte + k]`` is the centroid of
+    the ``k``-th index packed in a byte of value ``v``.
+    """
+    cdef Py_ssize_t row_bytes = codes.shape[1], full_bytes, i, j, q, r
+    cdef int per_byte, k
     cdef double w
     cdef double* acc
-    for i in range(start, stop):
-        for j in range(d):
-            indices[(i - start) * d + j] = <uint8_t> read_index(&codes[i, 0], j, bits, row_bytes)
+    cdef const uint8_t* row
+    cdef const double* entry
     for q in range(q_count):
         acc = partial + q * d
         for j in range(d):
             acc[j] = 0.0
+    if byte_aligned(bits):
+        per_byte = 8 // bits
+        full_bytes = d // per_byte
         for i in range(start, stop):
-            w = weights[q_start + q, i] * scales[i]
-            if w != 0.0:
+            row = &codes[i, 0]
+            for q in range(q_count):
+                w = weights[q_start + q, i] * scales[i]
+                if w == 0.0:
+                    continue
+                acc = partial + q * d
+                for r in range(full_bytes):
+                    entry = byte_table + row[r] * per_byte
+                    for k in range(per_byte):
+                        acc[r * per_byte + k] += w * entry[k]
+                for j in range(full_bytes * per_byte, d):
+                    acc[j] += w * byte_table[row[full_bytes] * per_byte + (j - full_bytes * per_byte)]
+    else:
+        for i in range(start, stop):
+            row = &codes[i, 0]
+            for q in range(q_count):
+                w = weights[q_start + q, i] * scales[i]
+                if w == 0.0:
+                    continue
+                acc = partial + q * d
                 for j in range(d):
-                    acc[j] += w * centroids[indices[(i - start) * d + j]]
+                    acc[j] += w * centroids[read_index(row, j, bits, row_bytes)]
 
 
 def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
@@ -449,37 +475,41 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     """
     cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
     cdef Py_ssize_t chunk = 256, query_block = 16
-    cdef Py_ssize_t n_chunks, c, q0, qn, q, j, k
-    cdef uint8_t* indices
+    cdef Py_ssize_t n_chunks, c, q0, qn, q, j
+    cdef int per_byte, k, v
+    cdef double* byte_table
     cdef double* partial
-    cdef int t
     out[:, :] = 0.0
     if n == 0 or m == 0:
         return
     while (n + chunk - 1) // chunk > 256:
         chunk *= 2
     n_chunks = (n + chunk - 1) // chunk
-    indices = <uint8_t*> malloc(n_threads * chunk * d * sizeof(uint8_t))
+    byte_table = <double*> malloc(256 * 8 * sizeof(double))
     partial = <double*> malloc(n_chunks * query_block * d * sizeof(double))
-    if indices == NULL or partial == NULL:
-        free(indices)
+    if byte_table == NULL or partial == NULL:
+        free(byte_table)
         free(partial)
         raise MemoryError()
+    if byte_aligned(bits):
+        per_byte = 8 // bits
+        for v in range(256):
+            for k in range(per_byte):
+                byte_table[v * per_byte + k] = centroids[(v >> (k * bits)) & ((1 << bits) - 1)]
     try:
         with nogil:
             q0 = 0
             while q0 < m:
                 qn = m - q0 if m - q0 < query_block else query_block
                 for c in prange(n_chunks, num_threads=n_threads, schedule="static"):
-                    t = tq_thread_num()
-                    accumulate_chunk(codes, bits, &centroids[0], weights, scales, q0, qn,
-                                     c * chunk, min((c + 1) * chunk, n), d,
-                                     indices + t * chunk * d, partial + c * query_block * d)
+                    accumulate_chunk(codes, bits, &centroids[0], byte_table, weights, scales,
+                                     q0, qn, c * chunk, min((c + 1) * chunk, n), d,
+                                     partial + c * query_block * d)
                 for c in range(n_chunks):
                     for q in range(qn):
                         for j in range(d):
                             out[q0 + q, j] += partial[(c * query_block + q) * d + j]
                 q0 += qn
     finally:
-        free(indices)
+        free(byte_table)
         free(partial)
