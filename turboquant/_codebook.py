@@ -89,8 +89,9 @@ class Codebook:
     distortion : float
         Expected squared error of a whole quantized unit vector,
         ``dim * E[(x - Q(x))**2]`` under :func:`coordinate_density` (the
-        paper's ``D_mse``). Between :func:`distortion_lower_bound` and
-        ``sqrt(3) * pi / 2`` times it.
+        paper's ``D_mse``). Below ``sqrt(3) * pi / 2`` times
+        :func:`distortion_lower_bound`; above it except at small ``dim``
+        (``dim = 2`` gives 0.60 to 0.76 times it, ``dim = 3`` exactly 1).
     probabilities : ndarray, shape (K,), float64, read-only
         Probability of each cell; antisymmetric order, sums to 1.
     """
@@ -104,7 +105,11 @@ class Codebook:
 
     def __post_init__(self):
         n_levels = 1 << self.bits
-        expected = {"centroids": (n_levels,), "boundaries": (n_levels - 1,), "probabilities": (n_levels,)}
+        expected = {
+            "centroids": (n_levels,),
+            "boundaries": (n_levels - 1,),
+            "probabilities": (n_levels,),
+        }
         for name, shape in expected.items():
             array = np.array(getattr(self, name), dtype=np.float64, order="C")  # private copy
             if array.shape != shape:
@@ -150,9 +155,10 @@ def lloyd_max_codebook(dim, bits):
 
     Examples
     --------
+    >>> import numpy as np
     >>> cb = lloyd_max_codebook(128, 2)
-    >>> cb.centroids * 128 ** 0.5  # close to the Gaussian levels +-0.4528, +-1.510
-    array([-1.50..., -0.45...,  0.45...,  1.50...])
+    >>> np.round(cb.centroids * 128 ** 0.5, 4)  # near the Gaussian levels +-0.4528, +-1.5104
+    array([-1.5052, -0.4525,  0.4525,  1.5052])
     >>> round(cb.distortion, 4)
     0.116
     """
@@ -199,12 +205,12 @@ def coordinate_density(x, dim):
 
 
 def distortion_lower_bound(bits):
-    """Information-theoretic lower bound ``4**-bits`` on the MSE distortion.
+    """The TurboQuant paper's lower bound ``4**-bits`` on the MSE distortion.
 
-    No quantizer of unit vectors with ``bits`` bits per coordinate has
-    expected squared error below this (Shannon lower bound, as in the
-    TurboQuant paper); :func:`lloyd_max_codebook` stays within a factor
-    ``sqrt(3) * pi / 2 ~= 2.72`` of it.
+    The Shannon lower bound for quantizing unit vectors with ``bits`` bits per
+    coordinate, which binds as ``dim`` grows (at small ``dim`` a codebook can
+    go below it: ``dim = 2`` gives 0.60 to 0.76 times it). The distortion of
+    :func:`lloyd_max_codebook` stays below ``sqrt(3) * pi / 2 ~= 2.72`` times it.
 
     Parameters
     ----------
@@ -482,7 +488,10 @@ def _log_cos(theta):
 # Normalising constant
 # --------------------------------------------------------------------------- #
 def _log_normaliser(dim):
-    """``log B(1/2, (dim - 1)/2)``, to a few ulps (``lgamma`` differences lose ~1e-12 at large dim)."""
+    """``log B(1/2, (dim - 1)/2)`` to a few ulps.
+
+    (A difference of ``math.lgamma`` values would lose ~1e-12 at large ``dim``.)
+    """
     z = (dim - 1) / 2.0
     return 0.5 * math.log(math.pi) - _log_gamma_ratio_half(z)
 

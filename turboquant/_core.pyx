@@ -42,6 +42,16 @@ def num_procs():
     return tq_num_procs()
 
 
+# Below this many inner-loop steps a parallel region costs more than it saves
+# (and on a busy machine far more): such calls run on one thread. Results never
+# depend on the thread count, so this changes speed only.
+DEF MIN_PARALLEL_WORK = 1 << 16
+
+
+cdef inline int threads_for(Py_ssize_t work, int n_threads) noexcept nogil:
+    return 1 if work < MIN_PARALLEL_WORK else n_threads
+
+
 # ---------------------------------------------------------------------------
 # Bit-stream helpers
 # ---------------------------------------------------------------------------
@@ -96,7 +106,7 @@ def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
     """
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i, j
     cdef double scale, acc, v
-    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+    for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
         scale = 0.0
         for j in range(d):
             v = fabs(x[i, j])
@@ -184,7 +194,7 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
     if scratch == NULL:
         raise MemoryError()
     try:
-        for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+        for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
             row = scratch + tq_thread_num() * d
             for j in range(d):
                 row[j] = x[i, j]
@@ -229,7 +239,7 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
     cdef double inv, u
     cdef uint32_t idx
     cdef uint8_t* row
-    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+    for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
         row = &codes[i, 0]
         memset(row, 0, row_bytes)
         inv = 1.0 / norms[i] if norms[i] > 0.0 else 0.0
@@ -254,7 +264,7 @@ def unpack_indices(const uint8_t[:, ::1] codes, int bits, uint8_t[:, ::1] out,
     """
     cdef Py_ssize_t n = out.shape[0], d = out.shape[1], row_bytes = codes.shape[1]
     cdef Py_ssize_t i, j
-    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+    for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
         for j in range(d):
             out[i, j] = <uint8_t> read_index(&codes[i, 0], j, bits, row_bytes)
 
@@ -273,7 +283,7 @@ def pack_indices(const uint8_t[:, ::1] indices, int bits, uint8_t[:, ::1] codes,
     cdef Py_ssize_t n = indices.shape[0], d = indices.shape[1], row_bytes = codes.shape[1]
     cdef Py_ssize_t i, j
     cdef uint8_t* row
-    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+    for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
         row = &codes[i, 0]
         memset(row, 0, row_bytes)
         for j in range(d):
@@ -295,7 +305,7 @@ def dequantize_rows(const uint8_t[:, ::1] codes, int bits, const double[::1] cen
     """
     cdef Py_ssize_t n = out.shape[0], d = out.shape[1], row_bytes = codes.shape[1]
     cdef Py_ssize_t i, j
-    for i in prange(n, nogil=True, num_threads=n_threads, schedule="static"):
+    for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
         for j in range(d):
             out[i, j] = <floating> (
                 scales[i] * centroids[read_index(&codes[i, 0], j, bits, row_bytes)])
@@ -389,7 +399,7 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
         with nogil:
             for q in range(m):
                 build_table(&queries[q, 0], d, bits, &centroids[0], table, rows)
-                for i in prange(n, num_threads=n_threads, schedule="static"):
+                for i in prange(n, num_threads=threads_for(n * rows, n_threads), schedule="static"):
                     value = scales[i] * score_row(&codes[i, 0], table, d, bits, row_bytes)
                     if accumulate:
                         out[q, i] = <floating> (out[q, i] + value)
@@ -501,7 +511,8 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
             q0 = 0
             while q0 < m:
                 qn = m - q0 if m - q0 < query_block else query_block
-                for c in prange(n_chunks, num_threads=n_threads, schedule="static"):
+                for c in prange(n_chunks, num_threads=threads_for(n * d * qn, min(n_threads, n_chunks)),
+                                schedule="static"):
                     accumulate_chunk(codes, bits, &centroids[0], byte_table, weights, scales,
                                      q0, qn, c * chunk, min((c + 1) * chunk, n), d,
                                      partial + c * query_block * d)

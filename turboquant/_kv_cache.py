@@ -29,6 +29,7 @@ from ._threads import resolve_n_threads
 from ._validation import as_rows, float_dtype_of
 
 FULL_PRECISION = np.float32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _layout_of(quantizer, prefix):
@@ -186,8 +187,8 @@ class QuantizedKVCache:
 
     Notes
     -----
-    Keys and values of any finite norm are accepted (norms are stored as
-    float32). Every method that changes the cache validates all of its input
+    Keys and values of any finite norm that fits float32 are accepted (norms
+    are stored as float32; larger ones raise NonFiniteError). Every method that changes the cache validates all of its input
     first: on any error the cache is left exactly as it was. Sink and recent
     tokens are held as float32. Heavy methods take ``n_threads`` (see
     :func:`turboquant.resolve_n_threads`); results do not depend on it.
@@ -256,6 +257,12 @@ class QuantizedKVCache:
     # -- writing -------------------------------------------------------------------
     def _rows(self, array, name):
         rows, _ = as_rows(array, self.config.dim, name)
+        # Every token may end up stored as float32 (sink and recent tokens) or
+        # with a float32 norm (quantized tokens): refuse what float32 cannot hold.
+        if rows.size and float(np.abs(rows).max()) * math.sqrt(self.config.dim) > FLOAT32_MAX:
+            norms = np.linalg.norm(rows.astype(np.float64, copy=False), axis=1)
+            if not np.all(norms <= FLOAT32_MAX):
+                raise NonFiniteError(f"{name} has a vector whose norm exceeds the float32 range")
         return rows
 
     def _check_block(self, keys, values):
@@ -277,6 +284,11 @@ class QuantizedKVCache:
         take_sinks = min(c.sink_tokens - len(self._sinks), n)
         plan.sink_keys, plan.sink_values = keys[:take_sinks], values[:take_sinks]
         rest_k, rest_v = keys[take_sinks:], values[take_sinks:]
+        if c.residual_tokens:
+            # Every non-sink token passes through the float32 recent window before
+            # it is quantized, pushed alone or in a block: quantize the float32 rows.
+            rest_k = rest_k.astype(FULL_PRECISION).astype(keys.dtype, copy=False)
+            rest_v = rest_v.astype(FULL_PRECISION).astype(values.dtype, copy=False)
         plan.channels = self._keys.channels
         if plan.channels is None and self._keys.outlier is not None and n:
             plan.channels = self._keys.channels_for(keys)
@@ -565,6 +577,12 @@ class MultiHeadKVCache:
         return self._heads
 
     def _head_blocks(self, array, name):
+        if isinstance(array, (list, tuple)):
+            shapes = {np.shape(block) for block in array}
+            if len(shapes) > 1:
+                raise LengthMismatchError(
+                    f"{name} has per-head blocks of different shapes {sorted(shapes)}; "
+                    f"every head needs the same (n, {self.head_dim})")
         arr = np.asarray(array)
         if arr.ndim != 3:
             raise ShapeError(f"{name} has shape {arr.shape}; expected ({self.num_heads}, n, {self.head_dim})")

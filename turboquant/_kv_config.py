@@ -67,7 +67,9 @@ class KVCacheConfig:
         (sink tokens excepted). 0 means unlimited.
     residual_tokens : int, default=0
         The newest ``residual_tokens`` tokens are kept unquantized (float32) and
-        quantized as they age out of this window.
+        quantized as they age out of this window. Every non-sink token then
+        passes through the window, so it is quantized from its float32 copy,
+        whether pushed alone or in a block.
     sink_tokens : int, default=0
         The first ``sink_tokens`` tokens are kept unquantized (float32) and never
         evicted. ``max_tokens`` must then exceed ``sink_tokens``.
@@ -123,7 +125,7 @@ class KVCacheConfig:
             put("outlier_bits", check_int(self.outlier_bits, "outlier_bits", low=low_key_bits, high=8))
 
     def _check_outliers(self, channels):
-        if isinstance(channels, (list, tuple)) or hasattr(channels, "__array__"):
+        if isinstance(channels, (list, tuple)) or getattr(channels, "ndim", 0) >= 1:
             values = [check_int(c, "outlier channel", low=0, high=self.dim - 1) for c in list(channels)]
             if len(set(values)) != len(values):
                 raise InvalidParameterError(f"outlier_channels has repeated channels: {list(channels)}")

@@ -23,6 +23,9 @@ The QJL sketch ``S`` of :class:`GaussianSketch` is an i.i.d. N(0, 1) matrix (not
 orthogonal); its transpose is applied for reconstruction.
 """
 
+import threading
+import weakref
+
 import numpy as np
 
 from . import _core
@@ -142,15 +145,31 @@ class HadamardRotation:
         return self.signs.nbytes
 
 
+# Transforms are immutable, so live quantizers with the same parameters share
+# one (many KV-cache layers use the same seeds). Entries vanish with their last user.
+_LIVE_TRANSFORMS = weakref.WeakValueDictionary()
+_LIVE_LOCK = threading.Lock()
+
+
+def _shared(key, build):
+    with _LIVE_LOCK:
+        transform = _LIVE_TRANSFORMS.get(key)
+    if transform is None:
+        transform = build()
+        with _LIVE_LOCK:
+            transform = _LIVE_TRANSFORMS.setdefault(key, transform)
+    return transform
+
+
 def make_rotation(kind, dim, seed):
-    """Build the rotation ``kind`` ("dense" or "hadamard") for ``(dim, seed)``."""
+    """The rotation ``kind`` ("dense" or "hadamard") for ``(dim, seed)``."""
     check_choice(kind, "rotation", ROTATIONS)
-    rng = seeded_rng(seed, 0)
-    return DenseRotation(dim, rng) if kind == "dense" else HadamardRotation(dim, rng)
+    cls = DenseRotation if kind == "dense" else HadamardRotation
+    return _shared(("rotation", kind, dim, seed), lambda: cls(dim, seeded_rng(seed, 0)))
 
 
 def make_sketch(kind, dim, seed):
-    """Build the QJL sketch ``kind`` ("gaussian" or "hadamard") for ``(dim, seed)``."""
+    """The QJL sketch ``kind`` ("gaussian" or "hadamard") for ``(dim, seed)``."""
     check_choice(kind, "sketch", SKETCHES)
-    rng = seeded_rng(seed, 1)
-    return GaussianSketch(dim, rng) if kind == "gaussian" else HadamardRotation(dim, rng)
+    cls = GaussianSketch if kind == "gaussian" else HadamardRotation
+    return _shared(("sketch", kind, dim, seed), lambda: cls(dim, seeded_rng(seed, 1)))

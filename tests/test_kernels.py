@@ -1,0 +1,511 @@
+"""Every ``turboquant._core`` kernel against a small pure-numpy reference.
+
+Shapes, bit widths and data are drawn by Hypothesis (derandomized, so runs are
+reproducible); the data itself comes from ``numpy.random.default_rng`` seeded by
+a drawn integer. Every kernel is also run with 1 and 2 threads and the results
+must be bitwise identical.
+
+Tolerances are rounding-error bounds: a sum of ``d`` products computed in
+double differs from any other summation order by at most
+``(d + 2) * eps64 * sum(|terms|)``; a result stored in float32 adds one
+rounding, ``eps32 * |result|``.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from turboquant import _core
+
+EPS64 = np.finfo(np.float64).eps
+EPS32 = np.finfo(np.float32).eps
+DTYPES = (np.float32, np.float64)
+THREADS = (1, 2)
+
+KERNEL_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
+
+dims = st.integers(min_value=1, max_value=70)
+rows = st.integers(min_value=0, max_value=9)
+bit_widths = st.integers(min_value=1, max_value=8)
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+dtypes = st.sampled_from(DTYPES)
+
+
+# -- pure-numpy references -----------------------------------------------------
+def packed_width(dim, bits):
+    return (dim * bits + 7) // 8
+
+
+def reference_pack(indices, bits):
+    """Little-endian bit stream of every row, through ``np.packbits``."""
+    n, dim = indices.shape
+    bit_matrix = (indices[:, :, None].astype(np.uint16) >> np.arange(bits)) & 1
+    packed = np.packbits(bit_matrix.reshape(n, dim * bits).astype(np.uint8), axis=1, bitorder="little")
+    return packed.reshape(n, packed_width(dim, bits))
+
+
+def reference_unpack(codes, bits, dim):
+    n = codes.shape[0]
+    bit_matrix = np.unpackbits(codes, axis=1, bitorder="little")[:, : dim * bits]
+    weights = (1 << np.arange(bits)).astype(np.int64)
+    return (bit_matrix.reshape(n, dim, bits) * weights).sum(axis=2).astype(np.uint8)
+
+
+def reference_norms(x):
+    x = np.asarray(x, dtype=np.float64)
+    scale = np.abs(x).max(axis=1, initial=0.0)
+    safe = np.where(scale > 0, scale, 1.0)
+    return scale * np.linalg.norm(x / safe[:, None], axis=1)
+
+
+def walsh_hadamard(block):
+    """Orthonormal Sylvester-Hadamard matrix of a power-of-two size."""
+    h = np.ones((1, 1))
+    while h.shape[0] < block:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(block)
+
+
+def fwht(v):
+    """Orthonormal Walsh-Hadamard transform of every row (length a power of two),
+    i.e. ``v @ walsh_hadamard(len)``, in O(len log len) with numpy reshapes."""
+    n, length = v.shape
+    h = 1
+    while h < length:
+        pairs = v.reshape(n, length // (2 * h), 2, h)
+        v = np.stack([pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]], axis=2)
+        h *= 2
+    return v.reshape(n, length) / np.sqrt(length)
+
+
+def reference_hadamard(x, signs, block, inverse):
+    """The documented randomized Hadamard rotation (H is symmetric and its own inverse)."""
+    v = np.array(x, dtype=np.float64)
+    d = v.shape[1]
+    rounds = range(signs.shape[0] - 1, -1, -1) if inverse else range(signs.shape[0])
+    for r in rounds:
+        if not inverse:
+            v *= signs[r]
+            v[:, :block] = fwht(v[:, :block])
+            if block < d:
+                v[:, d - block:] = fwht(v[:, d - block:])
+        else:
+            if block < d:
+                v[:, d - block:] = fwht(v[:, d - block:])
+            v[:, :block] = fwht(v[:, :block])
+            v *= signs[r]
+    return v
+
+
+def random_codebook(rng, bits):
+    """Sorted centroids and the midpoints between them, as in a Lloyd-Max codebook."""
+    centroids = np.sort(rng.standard_normal(1 << bits))
+    return centroids, (centroids[1:] + centroids[:-1]) / 2
+
+
+def random_codes(rng, n, dim, bits):
+    indices = rng.integers(0, 1 << bits, size=(n, dim), dtype=np.uint8)
+    return indices, reference_pack(indices, bits)
+
+
+def run_threads(kernel, make_out, *args):
+    """Run ``kernel(*args, out, n_threads)`` for each thread count; return the outputs."""
+    outs = []
+    for n_threads in THREADS:
+        out = make_out()
+        kernel(*args, out, n_threads)
+        outs.append(out)
+    return outs
+
+
+def assert_same_for_all_threads(outs):
+    for other in outs[1:]:
+        assert other.dtype == outs[0].dtype
+        assert np.array_equal(other, outs[0]), "result depends on the thread count"
+
+
+def readonly(array):
+    array = np.ascontiguousarray(array)
+    array.setflags(write=False)
+    return array
+
+
+# -- tests of the references themselves ------------------------------------------
+def test_reference_pack_examples():
+    # bits=3: indices 5 (101), 3 (011), 7 (111) -> stream 101 110 111 (LSB first)
+    # -> byte 0 = bits 0..7 = 1,0,1,1,1,0,1,1 -> 0b11011101, byte 1 = bit 8 = 1.
+    assert reference_pack(np.array([[5, 3, 7]], dtype=np.uint8), 3).tolist() == [[0b11011101, 0b1]]
+    assert reference_pack(np.array([[1, 0, 0, 0, 0, 0, 0, 0, 1]], dtype=np.uint8), 1).tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 64, 512])
+def test_reference_fwht_is_the_sylvester_matrix(block):
+    x = np.random.default_rng(block).standard_normal((3, block))
+    np.testing.assert_allclose(fwht(x), x @ walsh_hadamard(block), rtol=0, atol=1e-12)
+
+
+# -- bit packing -------------------------------------------------------------------
+@KERNEL_SETTINGS
+@given(n=rows, dim=dims, bits=bit_widths, seed=seeds)
+def test_pack_indices_matches_packbits(n, dim, bits, seed):
+    indices, expected = random_codes(np.random.default_rng(seed), n, dim, bits)
+    outs = run_threads(_core.pack_indices,
+                       lambda: np.full((n, packed_width(dim, bits)), 0xAB, dtype=np.uint8),
+                       readonly(indices), bits)
+    assert_same_for_all_threads(outs)
+    assert np.array_equal(outs[0], expected)
+
+
+@KERNEL_SETTINGS
+@given(n=rows, dim=dims, bits=bit_widths, seed=seeds)
+def test_unpack_indices_inverts_pack(n, dim, bits, seed):
+    indices, packed = random_codes(np.random.default_rng(seed), n, dim, bits)
+    outs = run_threads(_core.unpack_indices, lambda: np.empty((n, dim), dtype=np.uint8),
+                       readonly(packed), bits)
+    assert_same_for_all_threads(outs)
+    assert np.array_equal(outs[0], indices)
+    assert np.array_equal(reference_unpack(packed, bits, dim), indices)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_is_dense(bits):
+    # dim * bits is a multiple of 8 for dim = 8: no padding bits at all.
+    indices = np.full((1, 8), (1 << bits) - 1, dtype=np.uint8)
+    packed = np.empty((1, bits), dtype=np.uint8)
+    _core.pack_indices(indices, bits, packed, 1)
+    assert packed.tolist() == [[0xFF] * bits]
+
+
+# -- scalar quantization -------------------------------------------------------------
+@KERNEL_SETTINGS
+@given(n=rows, dim=dims, bits=bit_widths, seed=seeds, dtype=dtypes, want_residual=st.booleans())
+def test_quantize_pack_matches_searchsorted(n, dim, bits, seed, dtype, want_residual):
+    rng = np.random.default_rng(seed)
+    centroids, boundaries = random_codebook(rng, bits)
+    y = (rng.standard_normal((n, dim)) * rng.uniform(0.5, 2.0)).astype(dtype)
+    norms = rng.uniform(0.5, 2.0, size=n)
+    if n:
+        norms[0] = 0.0                                   # a zero vector quantizes as 0
+    inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
+    u = y.astype(np.float64) * inv[:, None]
+    expected_index = np.searchsorted(boundaries, u, side="left")   # boundaries strictly below u
+    width = packed_width(dim, bits)
+
+    results = []
+    for n_threads in THREADS:
+        codes = np.full((n, width), 0x5A, dtype=np.uint8)
+        residual = np.full((n, dim) if want_residual else (0, 0), np.nan, dtype=dtype)
+        _core.quantize_pack(readonly(y), readonly(norms), readonly(boundaries), readonly(centroids),
+                            bits, codes, residual, want_residual, n_threads)
+        results.append((codes, residual))
+    assert_same_for_all_threads([r[0] for r in results])
+    assert_same_for_all_threads([r[1] for r in results])
+    codes, residual = results[0]
+    assert np.array_equal(codes, reference_pack(expected_index.astype(np.uint8), bits))
+    if want_residual:
+        expected_residual = (u - centroids[expected_index]).astype(dtype)
+        assert np.array_equal(residual, expected_residual)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_quantize_pack_ties_go_to_the_lower_cell(bits):
+    centroids, boundaries = random_codebook(np.random.default_rng(bits), bits)
+    y = np.concatenate([boundaries, np.nextafter(boundaries, np.inf)])[None, :]
+    codes = np.empty((1, packed_width(y.shape[1], bits)), dtype=np.uint8)
+    _core.quantize_pack(y, np.ones(1), boundaries, centroids, bits, codes,
+                        np.empty((0, 0)), False, 1)
+    levels = np.arange(len(boundaries))
+    assert np.array_equal(reference_unpack(codes, bits, y.shape[1])[0],
+                          np.concatenate([levels, levels + 1]))
+
+
+# -- dequantization -----------------------------------------------------------------
+@KERNEL_SETTINGS
+@given(n=rows, dim=dims, bits=bit_widths, seed=seeds, dtype=dtypes)
+def test_dequantize_rows_matches_reference(n, dim, bits, seed, dtype):
+    rng = np.random.default_rng(seed)
+    centroids, _ = random_codebook(rng, bits)
+    indices, packed = random_codes(rng, n, dim, bits)
+    scales = rng.uniform(0.0, 3.0, size=n)
+    outs = run_threads(_core.dequantize_rows, lambda: np.full((n, dim), np.nan, dtype=dtype),
+                       readonly(packed), bits, readonly(centroids), readonly(scales))
+    assert_same_for_all_threads(outs)
+    assert np.array_equal(outs[0], (scales[:, None] * centroids[indices]).astype(dtype))
+
+
+# -- lookup-table inner products ------------------------------------------------------
+def check_lut(n, m, dim, bits, seed, dtype, accumulate):
+    rng = np.random.default_rng(seed)
+    centroids, _ = random_codebook(rng, bits)
+    indices, packed = random_codes(rng, n, dim, bits)
+    queries = rng.standard_normal((m, dim)).astype(dtype)
+    scales = rng.uniform(0.0, 3.0, size=n)
+    start = rng.standard_normal((m, n)).astype(dtype)
+    values = centroids[indices]                                    # (n, dim)
+    q64 = queries.astype(np.float64)
+    expected = (q64 @ values.T) * scales
+    magnitude = (np.abs(q64) @ np.abs(values).T) * scales         # sum of |terms|
+    if accumulate:
+        expected = expected + start
+        magnitude = magnitude + np.abs(start)
+    tolerance = (dim + 2) * EPS64 * magnitude
+    if dtype == np.float32:
+        tolerance = tolerance + EPS32 * np.abs(expected)
+
+    outs = []
+    for n_threads in THREADS:
+        out = start.copy()
+        _core.lut_inner_products(readonly(packed), bits, readonly(centroids), readonly(queries),
+                                 readonly(scales), out, accumulate, n_threads)
+        outs.append(out)
+    assert_same_for_all_threads(outs)
+    assert outs[0].dtype == dtype
+    assert np.all(np.abs(outs[0] - expected) <= tolerance)
+
+
+@KERNEL_SETTINGS
+@given(n=rows, m=st.integers(0, 4), dim=dims, bits=bit_widths, seed=seeds, dtype=dtypes,
+       accumulate=st.booleans())
+def test_lut_inner_products_matches_reference(n, m, dim, bits, seed, dtype, accumulate):
+    check_lut(n, m, dim, bits, seed, dtype, accumulate)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("dim", [1, 7, 97, 128])
+def test_lut_inner_products_every_bit_width(bits, accumulate, dim):
+    check_lut(23, 3, dim, bits, 1000 + bits, np.float64, accumulate)
+    check_lut(23, 3, dim, bits, 2000 + bits, np.float32, accumulate)
+
+
+# -- weighted sums of codes ----------------------------------------------------------
+def check_weighted_sum(n, m, dim, bits, seed, n_threads_list=THREADS):
+    rng = np.random.default_rng(seed)
+    centroids, _ = random_codebook(rng, bits)
+    indices, packed = random_codes(rng, n, dim, bits)
+    weights = rng.standard_normal((m, n))
+    weights[:, ::3] = 0.0                                  # the kernel skips zero weights
+    scales = rng.uniform(0.0, 3.0, size=n)
+    values = scales[:, None] * centroids[indices]          # (n, dim)
+    expected = weights @ values
+    tolerance = (n + 2) * EPS64 * (np.abs(weights) @ np.abs(values))
+    outs = run_threads(_core.lut_weighted_sum, lambda: np.full((m, dim), np.nan),
+                       readonly(packed), bits, readonly(centroids), readonly(weights), readonly(scales))
+    assert_same_for_all_threads(outs)
+    assert np.all(np.abs(outs[0] - expected) <= tolerance)
+
+
+@KERNEL_SETTINGS
+@given(n=st.integers(0, 700), m=st.integers(0, 20), dim=dims, bits=bit_widths, seed=seeds)
+def test_lut_weighted_sum_matches_reference(n, m, dim, bits, seed):
+    check_weighted_sum(n, m, dim, bits, seed)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_lut_weighted_sum_every_bit_width(bits):
+    # 1100 tokens: several chunks; 18 queries: two query blocks; enough work for threads.
+    check_weighted_sum(1100, 18, 37, bits, 3000 + bits)
+
+
+# -- norms -------------------------------------------------------------------------------
+@KERNEL_SETTINGS
+@given(n=rows, dim=dims, seed=seeds, dtype=dtypes, exponent=st.integers(-300, 300))
+def test_row_norms_matches_reference(n, dim, seed, dtype, exponent):
+    rng = np.random.default_rng(seed)
+    if dtype == np.float32:
+        exponent = exponent // 10                       # stay inside float32's range
+    x = (rng.standard_normal((n, dim)) * 10.0 ** exponent).astype(dtype)
+    if n:
+        x[-1] = 0.0
+    outs = run_threads(_core.row_norms, lambda: np.full(n, np.nan), readonly(x))
+    assert_same_for_all_threads(outs)
+    expected = reference_norms(x)
+    assert np.all(np.isfinite(outs[0]))
+    np.testing.assert_allclose(outs[0], expected, rtol=2 * (dim + 4) * EPS64, atol=0)
+    if n:
+        assert outs[0][-1] == 0.0
+
+
+@pytest.mark.parametrize("value, dtype", [(1e200, np.float64), (1e-200, np.float64),
+                                          (1e30, np.float32), (1e-30, np.float32),
+                                          (1e307, np.float64), (1e-310, np.float64)])
+def test_row_norms_does_not_overflow_or_underflow(value, dtype):
+    dim = 101
+    x = np.full((2, dim), value, dtype=dtype)
+    x[1, ::2] *= -1
+    out = np.empty(2)
+    _core.row_norms(x, out, 2)
+    # |x_j| = v for every j, so the norm is v * sqrt(dim) (1.005e308 for v = 1e307: finite,
+    # although the sum of squares overflows; 1e-310 is subnormal and its square is 0).
+    expected = float(dtype(value)) * np.sqrt(dim)
+    np.testing.assert_allclose(out, [expected, expected], rtol=4 * (dim + 4) * EPS64)
+
+
+# -- randomized Hadamard rotation ---------------------------------------------------------
+def hadamard_setup(dim, rounds, seed):
+    rng = np.random.default_rng(seed)
+    signs = rng.integers(0, 2, size=(rounds, dim)) * 2.0 - 1.0
+    block = 1 << (dim.bit_length() - 1)
+    return rng, signs, block
+
+
+def run_hadamard(x, signs, block, inverse, n_threads):
+    out = np.full_like(x, np.nan)
+    _core.hadamard_rotate(readonly(x), out, readonly(signs), block, inverse, n_threads)
+    return out
+
+
+HADAMARD_DIMS = [2, 3, 5, 80, 96, 128, 192, 576]
+
+
+@pytest.mark.parametrize("dim", HADAMARD_DIMS)
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_hadamard_rotate_is_orthogonal(dim, rounds):
+    _, signs, block = hadamard_setup(dim, rounds, dim)
+    eye = np.eye(dim)
+    matrix = run_hadamard(eye, signs, block, False, 2).T        # columns are images of e_j
+    inverse_matrix = run_hadamard(eye, signs, block, True, 2).T
+    # Each entry is a sum of at most 2*rounds*log2(d) roundings of unit-size terms.
+    tolerance = 8 * rounds * (np.log2(dim) + 2) * EPS64 * np.sqrt(dim)
+    assert np.max(np.abs(matrix @ matrix.T - eye)) <= tolerance
+    assert np.max(np.abs(inverse_matrix @ matrix - eye)) <= tolerance
+    assert np.max(np.abs(inverse_matrix - matrix.T)) <= tolerance
+
+
+@pytest.mark.parametrize("dim", HADAMARD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hadamard_rotate_matches_reference_and_inverts(dim, dtype):
+    rng, signs, block = hadamard_setup(dim, 2, 7 * dim)
+    x = rng.standard_normal((13, dim)).astype(dtype)
+    forward = [run_hadamard(x, signs, block, False, t) for t in THREADS]
+    assert_same_for_all_threads(forward)
+    expected = reference_hadamard(x, signs, block, inverse=False)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    tolerance = 16 * (np.log2(dim) + 2) * EPS64 * norms
+    if dtype == np.float32:
+        tolerance = tolerance + EPS32 * np.abs(expected)         # one rounding of the output
+    assert forward[0].dtype == dtype
+    assert np.all(np.abs(forward[0] - expected) <= tolerance)
+
+    back = [run_hadamard(forward[0], signs, block, True, t) for t in THREADS]
+    assert_same_for_all_threads(back)
+    expected_back = reference_hadamard(forward[0], signs, block, inverse=True)
+    tolerance = 16 * (np.log2(dim) + 2) * EPS64 * norms
+    if dtype == np.float32:
+        tolerance = tolerance + EPS32 * np.abs(expected_back) + 2 * EPS32 * norms
+    assert np.all(np.abs(back[0] - expected_back) <= tolerance)
+    assert np.all(np.abs(back[0] - x) <= tolerance + (2 * EPS32 * norms if dtype == np.float32 else 0))
+
+
+@KERNEL_SETTINGS
+@given(n=rows, dim=st.integers(2, 300), rounds=st.integers(1, 3), seed=seeds, dtype=dtypes,
+       inverse=st.booleans())
+def test_hadamard_rotate_random_shapes(n, dim, rounds, seed, dtype, inverse):
+    rng, signs, block = hadamard_setup(dim, rounds, seed)
+    x = rng.standard_normal((n, dim)).astype(dtype)
+    outs = [run_hadamard(x, signs, block, inverse, t) for t in THREADS]
+    assert_same_for_all_threads(outs)
+    expected = reference_hadamard(x, signs, block, inverse)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    tolerance = 8 * rounds * (np.log2(dim) + 2) * EPS64 * norms
+    if dtype == np.float32:
+        tolerance = tolerance + EPS32 * np.abs(expected)
+    assert np.all(np.abs(outs[0] - expected) <= tolerance)
+    # orthogonal: norms are preserved
+    np.testing.assert_allclose(np.linalg.norm(outs[0].astype(np.float64), axis=1), norms[:, 0],
+                               rtol=10 * (EPS32 if dtype == np.float32 else EPS64) * np.sqrt(dim))
+
+
+# -- OpenMP introspection ------------------------------------------------------------------
+def test_openmp_introspection():
+    assert isinstance(_core.openmp_enabled(), bool)
+    assert isinstance(_core.max_threads(), int) and _core.max_threads() >= 1
+    assert isinstance(_core.num_procs(), int) and _core.num_procs() >= 1
+    if not _core.openmp_enabled():
+        assert _core.max_threads() == 1 and _core.num_procs() == 1
+
+
+# -- thread counts on inputs large enough to run in parallel ---------------------------
+# The kernels fall back to one thread below about 2**16 inner steps, so the
+# randomized tests above mostly run serially; these inputs are above that.
+PARALLEL_ROWS, PARALLEL_DIM = 6000, 97            # 1-bit LUT: 6000 * 13 bytes > 2**16
+
+
+def parallel_case(kernel, bits, dtype):
+    """(callable(n_threads) -> outputs) for one kernel on a large random input."""
+    rng = np.random.default_rng(bits)
+    n, d = PARALLEL_ROWS, PARALLEL_DIM
+    centroids, boundaries = random_codebook(rng, bits)
+    indices, packed = random_codes(rng, n, d, bits)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    scales = rng.uniform(0.0, 2.0, size=n)
+    signs = rng.integers(0, 2, size=(2, d)) * 2.0 - 1.0
+    queries = rng.standard_normal((3, d)).astype(dtype)
+    start = rng.standard_normal((3, n)).astype(dtype)
+    weights = rng.standard_normal((3, n))
+    width = packed_width(d, bits)
+
+    def run(n_threads):
+        if kernel == "row_norms":
+            out = np.empty(n)
+            _core.row_norms(x, out, n_threads)
+            return [out]
+        if kernel == "hadamard_rotate":
+            return [run_hadamard(x, signs, 64, inverse, n_threads) for inverse in (False, True)]
+        if kernel == "quantize_pack":
+            codes, residual = np.empty((n, width), np.uint8), np.empty((n, d), dtype)
+            _core.quantize_pack(x, scales, boundaries, centroids, bits, codes, residual, True, n_threads)
+            return [codes, residual]
+        if kernel == "pack_indices":
+            codes = np.empty((n, width), np.uint8)
+            _core.pack_indices(indices, bits, codes, n_threads)
+            return [codes]
+        if kernel == "unpack_indices":
+            out = np.empty((n, d), np.uint8)
+            _core.unpack_indices(packed, bits, out, n_threads)
+            return [out]
+        if kernel == "dequantize_rows":
+            out = np.empty((n, d), dtype)
+            _core.dequantize_rows(packed, bits, centroids, scales, out, n_threads)
+            return [out]
+        if kernel == "lut_inner_products":
+            outs = []
+            for accumulate in (False, True):
+                out = start.copy()
+                _core.lut_inner_products(packed, bits, centroids, queries, scales, out, accumulate, n_threads)
+                outs.append(out)
+            return outs
+        out = np.empty((3, d))
+        _core.lut_weighted_sum(packed, bits, centroids, weights, scales, out, n_threads)
+        return [out]
+
+    return run
+
+
+PARALLEL_KERNELS = ["row_norms", "hadamard_rotate", "quantize_pack", "pack_indices", "unpack_indices",
+                    "dequantize_rows", "lut_inner_products", "lut_weighted_sum"]
+
+
+@pytest.mark.parametrize("kernel", PARALLEL_KERNELS)
+@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_inputs_identical_for_every_thread_count(kernel, bits, dtype):
+    run = parallel_case(kernel, bits, dtype)
+    results = [run(n_threads) for n_threads in (1, 2, 3)]
+    for outputs in zip(*results):
+        assert_same_for_all_threads(list(outputs))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+def test_more_threads_than_rows(n_threads):
+    # Two long rows and up to eight threads: per-thread scratch and static
+    # chunks must still be right when most threads have no row.
+    dim = 40000
+    rng, signs, block = hadamard_setup(dim, 2, 3)
+    x = rng.standard_normal((2, dim))
+    out = np.empty_like(x)
+    _core.hadamard_rotate(x, out, signs, block, False, n_threads)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    tolerance = 16 * (np.log2(dim) + 2) * EPS64 * norms
+    assert np.all(np.abs(out - reference_hadamard(x, signs, block, False)) <= tolerance)

@@ -1,0 +1,27 @@
+"""The README's Python examples run as written."""
+
+import pathlib
+import re
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks():
+    if not README.exists():
+        return []
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_python_block_runs(index, capsys):
+    exec(compile(python_blocks()[index], f"README.md block {index}", "exec"), {})
+
+
+def test_readme_has_the_two_commands():
+    text = README.read_text()
+    assert 'pip install . && python -m turboquant' in text
+    assert 'pip install ".[test]" && python -m pytest' in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'pip install ".[test]" && python -m pytest' in ci
