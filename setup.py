@@ -85,6 +85,7 @@ DIRECTIVES = {
     "cdivision": True,
     "initializedcheck": DEBUG,
     "embedsignature": True,
+    "autotestdict": False,
 }
 OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
 

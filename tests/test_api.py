@@ -113,16 +113,12 @@ def test_resolve_n_threads_errors(value, message):
 def test_core_stub_matches_runtime(tmp_path):
     pytest.importorskip("mypy")
     # Check only _core against _core.pyi: the rest of the package is untyped code
-    # that mypy would otherwise report first. ``__test__`` is the doctest dict
-    # Cython adds to every module (the ``autotestdict`` directive).
+    # that mypy would otherwise report first.
     config = tmp_path / "mypy.ini"
     config.write_text(f"[mypy]\nignore_missing_imports = True\ncache_dir = {tmp_path / 'cache'}\n"
                       "[mypy-turboquant.*]\nignore_errors = True\n"
                       "[mypy-turboquant._core]\nignore_errors = False\n")
-    allowlist = tmp_path / "allowlist.txt"
-    allowlist.write_text("turboquant._core.__test__\n")
-    result = run_python("-m", "mypy.stubtest", "turboquant._core", "--mypy-config-file", str(config),
-                        "--allowlist", str(allowlist))
+    result = run_python("-m", "mypy.stubtest", "turboquant._core", "--mypy-config-file", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

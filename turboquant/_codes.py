@@ -168,8 +168,10 @@ class Codes:
             key = slice(index, index + 1)
         elif not isinstance(key, slice):
             key = np.asarray(key)
-            if key.dtype != bool and key.dtype.kind not in "iu":
-                raise IndexError("codes can be indexed by an int, a slice, or an integer or boolean array")
+            if key.size == 0:
+                key = key.astype(np.intp)
+            if key.ndim != 1 or (key.dtype != bool and key.dtype.kind not in "iu"):
+                raise IndexError("codes can be indexed by an int, a slice, or a 1-d integer or boolean array")
         return type(self)(self.spec, {name: array[key] for name, array in self._arrays.items()})
 
     def drop_oldest(self, count):

@@ -36,9 +36,14 @@ SKETCHES = ("gaussian", "hadamard")
 HADAMARD_ROUNDS = 2
 
 
+# Salt of the seed sequences, so that transforms never share random numbers
+# with data a user draws from ``default_rng(seed)`` with the same seed.
+_SEED_SALT = 0x54555242
+
+
 def seeded_rng(seed, stream):
-    """Independent generator for one role (rotation, sketch, ...) of one seed."""
-    return np.random.default_rng([seed, stream])
+    """Independent generator for one role (rotation 0, sketch 1) of one seed."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SEED_SALT, stream)))
 
 
 def _readonly(array):
