@@ -17,9 +17,10 @@ from turboquant import _core
 PACKAGE_ROOT = pathlib.Path(turboquant.__file__).resolve().parent.parent
 
 
-def run_python(*args, timeout=120):
-    """Run ``python *args`` with this test session's turboquant importable."""
-    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_python(*args, timeout=120, **env_vars):
+    """Run ``python *args`` with this test session's turboquant importable (and ``env_vars`` set)."""
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **env_vars)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                           cwd=PACKAGE_ROOT, timeout=timeout)
 
@@ -81,12 +82,9 @@ def test_show_config_to_a_file(capsys):
 def test_show_config_follows_omp_num_threads():
     if not _core.openmp_enabled():
         pytest.skip("built without OpenMP")
-    env = dict(os.environ, OMP_NUM_THREADS="3")
-    env["PYTHONPATH"] = str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c",
-                             "import io, turboquant as t; info = t.show_config(file=io.StringIO()); "
-                             "print(info['max_threads'], t.resolve_n_threads())"],
-                            capture_output=True, text=True, env=env, timeout=120, check=True)
+    result = run_python("-c", "import io, turboquant as t; info = t.show_config(file=io.StringIO()); "
+                        "print(info['max_threads'], t.resolve_n_threads())", OMP_NUM_THREADS="3")
+    assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "3"]
 
 

@@ -361,7 +361,7 @@ def test_codes_identical_in_a_fresh_process():
     package_root = os.path.dirname(os.path.dirname(turboquant.__file__))
     env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", REPRO_SCRIPT], capture_output=True, text=True,
-                            env=env, timeout=120, check=True)
+                            env=env, cwd=package_root, timeout=120, check=True)
     lines = []
     exec(REPRO_SCRIPT, {"print": lambda *parts: lines.append(" ".join(parts))})   # same code, this process
     assert len(lines) == 6
