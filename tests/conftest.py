@@ -36,3 +36,24 @@ def shared_data(name):
     if not path.exists():
         pytest.skip(f"{path} is not available")
     return path
+
+
+def run_python(*args, timeout=120, **env_vars):
+    """Run ``python *args`` in an empty folder so it imports the turboquant under test.
+
+    An installed package is found as usual; an in-place build (no site-packages
+    parent) is put on ``PYTHONPATH``. ``env_vars`` are added to the environment.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    import turboquant
+
+    package_root = pathlib.Path(turboquant.__file__).resolve().parent.parent
+    env = dict(os.environ, **env_vars)
+    if package_root.name not in ("site-packages", "dist-packages"):
+        env["PYTHONPATH"] = str(package_root) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as folder:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                              cwd=folder, timeout=timeout)

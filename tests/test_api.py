@@ -1,28 +1,17 @@
 """The public surface: exports, docstrings, configuration, threads, stubs and the CLI."""
 
 import io
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import turboquant
+from conftest import run_python
 from turboquant import InvalidParameterError, resolve_n_threads, show_config
 from turboquant import _core
 
-PACKAGE_ROOT = pathlib.Path(turboquant.__file__).resolve().parent.parent
-
-
-def run_python(*args, timeout=120, **env_vars):
-    """Run ``python *args`` with this test session's turboquant importable (and ``env_vars`` set)."""
-    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **env_vars)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          cwd=PACKAGE_ROOT, timeout=timeout)
 
 
 # -- exports ------------------------------------------------------------------------

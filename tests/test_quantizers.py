@@ -5,16 +5,12 @@ margin checked to be at least 4 standard errors wide, or 4 standard errors.
 """
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-import turboquant
-from conftest import random_unit_vectors
+from conftest import run_python, random_unit_vectors
 from turboquant import (
     QJL,
     DTypeError,
@@ -358,10 +354,8 @@ REPRO_SCRIPT = textwrap.dedent("""
 
 
 def test_codes_identical_in_a_fresh_process():
-    package_root = os.path.dirname(os.path.dirname(turboquant.__file__))
-    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", REPRO_SCRIPT], capture_output=True, text=True,
-                            env=env, cwd=package_root, timeout=120, check=True)
+    result = run_python("-c", REPRO_SCRIPT)
+    assert result.returncode == 0, result.stderr
     lines = []
     exec(REPRO_SCRIPT, {"print": lambda *parts: lines.append(" ".join(parts))})   # same code, this process
     assert len(lines) == 6

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import InvalidParameterError, ShapeError
+from ._errors import ShapeError
 from ._validation import check_int
 
 __all__ = ["Codebook", "coordinate_density", "distortion_lower_bound", "lloyd_max_codebook"]

@@ -20,13 +20,12 @@ import math
 
 import numpy as np
 
-from ._codes import packed_row_bytes
 from ._errors import InvalidParameterError, LengthMismatchError, NonFiniteError, ShapeError
 from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
 from ._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
 from ._threads import resolve_n_threads
-from ._validation import as_rows, float_dtype_of
+from ._validation import as_rows
 
 FULL_PRECISION = np.float32
 FLOAT32_MAX = float(np.finfo(np.float32).max)

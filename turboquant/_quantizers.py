@@ -11,7 +11,7 @@ import numpy as np
 from . import _core
 from ._codebook import lloyd_max_codebook
 from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
-from ._errors import InvalidParameterError, NonFiniteError, ShapeError
+from ._errors import InvalidParameterError, NonFiniteError
 from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
 from ._threads import resolve_n_threads
 from ._validation import FLOAT_DTYPES, as_rows, check_choice, check_int
