@@ -95,8 +95,27 @@ cdef inline uint32_t search_cell(const double* boundaries, int levels,
 # Norms
 # ---------------------------------------------------------------------------
 
+cdef inline double scaled_norm(const floating* row, Py_ssize_t d) noexcept nogil:
+    """Two-pass norm that neither overflows nor underflows (for extreme float64 rows)."""
+    cdef Py_ssize_t j
+    cdef double scale = 0.0, acc = 0.0, v
+    for j in range(d):
+        v = fabs(row[j])
+        if v > scale:
+            scale = v
+    if scale == 0.0:
+        return 0.0
+    for j in range(d):
+        v = row[j] / scale
+        acc += v * v
+    return scale * sqrt(acc)
+
+
 def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
-    """Euclidean norm of every row, computed in double without overflow.
+    """Euclidean norm of every row, in double, without overflow or underflow.
+
+    One pass of squares in double; rows whose sum leaves the safe range of
+    double (only possible for float64 input) are redone with scaling.
 
     Parameters
     ----------
@@ -105,21 +124,16 @@ def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
     n_threads : int >= 1
     """
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i, j
-    cdef double scale, acc, v
+    cdef double acc, v
     for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
-        scale = 0.0
+        acc = 0.0
         for j in range(d):
-            v = fabs(x[i, j])
-            if v > scale:
-                scale = v
-        if scale == 0.0:
-            out[i] = 0.0
+            v = x[i, j]
+            acc = acc + v * v
+        if acc < 1e300 and acc > 1e-280:
+            out[i] = sqrt(acc)
         else:
-            acc = 0.0
-            for j in range(d):
-                v = x[i, j] / scale
-                acc = acc + v * v
-            out[i] = scale * sqrt(acc)
+            out[i] = scaled_norm(&x[i, 0], d)
 
 
 # ---------------------------------------------------------------------------
@@ -352,15 +366,28 @@ cdef inline void build_table(const floating* query, Py_ssize_t d, int bits,
 
 cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t d,
                              int bits, Py_ssize_t row_bytes) noexcept nogil:
-    cdef Py_ssize_t r
-    cdef double acc = 0.0
+    """Sum of one code row's table entries. Four accumulators in a fixed order
+    break the chain of dependent additions; the result is the same on every run."""
+    cdef Py_ssize_t r, count = row_bytes if byte_aligned(bits) else d
+    cdef Py_ssize_t tail = count - count % 4
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
     if byte_aligned(bits):
-        for r in range(row_bytes):
-            acc = acc + table[r * 256 + row[r]]
+        for r in range(0, tail, 4):
+            a0 += table[r * 256 + row[r]]
+            a1 += table[(r + 1) * 256 + row[r + 1]]
+            a2 += table[(r + 2) * 256 + row[r + 2]]
+            a3 += table[(r + 3) * 256 + row[r + 3]]
+        for r in range(tail, count):
+            a0 += table[r * 256 + row[r]]
     else:
-        for r in range(d):
-            acc = acc + table[r * 256 + read_index(row, r, bits, row_bytes)]
-    return acc
+        for r in range(0, tail, 4):
+            a0 += table[r * 256 + read_index(row, r, bits, row_bytes)]
+            a1 += table[(r + 1) * 256 + read_index(row, r + 1, bits, row_bytes)]
+            a2 += table[(r + 2) * 256 + read_index(row, r + 2, bits, row_bytes)]
+            a3 += table[(r + 3) * 256 + read_index(row, r + 3, bits, row_bytes)]
+        for r in range(tail, count):
+            a0 += table[r * 256 + read_index(row, r, bits, row_bytes)]
+    return (a0 + a1) + (a2 + a3)
 
 
 def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
@@ -387,71 +414,83 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
     cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
     cdef Py_ssize_t rows = table_rows(d, bits, row_bytes)
-    cdef Py_ssize_t q, i
+    cdef Py_ssize_t table_size = rows * 256, q0, qn, q, i
+    # Queries per pass over the codes: as many tables as fit in about 2 MiB.
+    cdef Py_ssize_t block = max(1, min(16, (2 << 20) // (table_size * <Py_ssize_t> sizeof(double))))
     cdef double value
-    cdef double* table
+    cdef double* tables
     if n == 0 or m == 0:
         return
-    table = <double*> malloc(rows * 256 * sizeof(double))
-    if table == NULL:
+    tables = <double*> malloc(block * table_size * sizeof(double))
+    if tables == NULL:
         raise MemoryError()
     try:
         with nogil:
-            for q in range(m):
-                build_table(&queries[q, 0], d, bits, &centroids[0], table, rows)
-                for i in prange(n, num_threads=threads_for(n * rows, n_threads), schedule="static"):
-                    value = scales[i] * score_row(&codes[i, 0], table, d, bits, row_bytes)
-                    if accumulate:
-                        out[q, i] = <floating> (out[q, i] + value)
-                    else:
-                        out[q, i] = <floating> value
+            q0 = 0
+            while q0 < m:
+                qn = min(block, m - q0)
+                for q in prange(qn, num_threads=threads_for(qn * table_size, min(n_threads, qn)),
+                                schedule="static"):
+                    build_table(&queries[q0 + q, 0], d, bits, &centroids[0], tables + q * table_size, rows)
+                for i in prange(n, num_threads=threads_for(n * rows * qn, n_threads), schedule="static"):
+                    for q in range(qn):
+                        value = scales[i] * score_row(&codes[i, 0], tables + q * table_size, d, bits, row_bytes)
+                        if accumulate:
+                            out[q0 + q, i] = <floating> (out[q0 + q, i] + value)
+                        else:
+                            out[q0 + q, i] = <floating> value
+                q0 += qn
     finally:
-        free(table)
+        free(tables)
 
 
 # ---------------------------------------------------------------------------
 # Weighted sums of codes (attention output)
 # ---------------------------------------------------------------------------
 
-cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
-                                  const double* centroids, const double* byte_table,
-                                  const double[:, ::1] weights, const double[::1] scales,
-                                  Py_ssize_t q_start, Py_ssize_t q_count,
-                                  Py_ssize_t start, Py_ssize_t stop, Py_ssize_t d,
-                                  double* partial) noexcept nogil:
-    """Sum ``weights[q, i] * scales[i] * centroids[index(i, :)]`` over tokens
-    ``start..stop`` into ``partial[q - q_start, :]`` for ``q_count`` queries.
+cdef inline bint use_histogram(int bits, Py_ssize_t tokens, Py_ssize_t d,
+                               Py_ssize_t row_bytes) noexcept nogil:
+    """Whether a chunk of ``tokens`` is summed through a per-byte weight histogram
+    (one add per code byte, then ``256 * d`` to project) rather than one
+    multiply-add per coordinate. Depends on sizes only, never on threads."""
+    return byte_aligned(bits) and tokens * (d - row_bytes) > 256 * d
 
-    When indices tile bytes, ``byte_table[v * per_byte + k]`` is the centroid of
-    the ``k``-th index packed in a byte of value ``v``.
-    """
-    cdef Py_ssize_t row_bytes = codes.shape[1], full_bytes, i, j, q, r
+
+cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
+                                  const double* centroids, const double[:, ::1] weights,
+                                  const double[::1] scales, Py_ssize_t q_start, Py_ssize_t q_count,
+                                  Py_ssize_t start, Py_ssize_t stop, Py_ssize_t d,
+                                  double* histogram, double* partial) noexcept nogil:
+    """Sum ``weights[q, i] * scales[i] * centroids[index(i, :)]`` over tokens
+    ``start..stop`` into ``partial[q - q_start, :]`` for ``q_count`` queries."""
+    cdef Py_ssize_t row_bytes = codes.shape[1], i, j, q, r, v
     cdef int per_byte, k
-    cdef double w
+    cdef uint32_t mask = (1u << bits) - 1u
+    cdef double w, total
     cdef double* acc
     cdef const uint8_t* row
-    cdef const double* entry
-    for q in range(q_count):
-        acc = partial + q * d
-        for j in range(d):
-            acc[j] = 0.0
-    if byte_aligned(bits):
+    if use_histogram(bits, stop - start, d, row_bytes):
         per_byte = 8 // bits
-        full_bytes = d // per_byte
-        for i in range(start, stop):
-            row = &codes[i, 0]
-            for q in range(q_count):
+        for q in range(q_count):
+            memset(histogram, 0, row_bytes * 256 * sizeof(double))
+            for i in range(start, stop):
                 w = weights[q_start + q, i] * scales[i]
-                if w == 0.0:
-                    continue
-                acc = partial + q * d
-                for r in range(full_bytes):
-                    entry = byte_table + row[r] * per_byte
-                    for k in range(per_byte):
-                        acc[r * per_byte + k] += w * entry[k]
-                for j in range(full_bytes * per_byte, d):
-                    acc[j] += w * byte_table[row[full_bytes] * per_byte + (j - full_bytes * per_byte)]
+                row = &codes[i, 0]
+                for r in range(row_bytes):
+                    histogram[r * 256 + row[r]] += w
+            acc = partial + q * d
+            for j in range(d):
+                r = j // per_byte
+                k = <int> (j - r * per_byte)
+                total = 0.0
+                for v in range(256):
+                    total = total + histogram[r * 256 + v] * centroids[(v >> (k * bits)) & mask]
+                acc[j] = total
     else:
+        for q in range(q_count):
+            acc = partial + q * d
+            for j in range(d):
+                acc[j] = 0.0
         for i in range(start, stop):
             row = &codes[i, 0]
             for q in range(q_count):
@@ -484,10 +523,10 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     n_threads : int >= 1
     """
     cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
-    cdef Py_ssize_t chunk = 256, query_block = 16
-    cdef Py_ssize_t n_chunks, c, q0, qn, q, j
-    cdef int per_byte, k, v
-    cdef double* byte_table
+    cdef Py_ssize_t row_bytes = codes.shape[1]
+    cdef Py_ssize_t chunk = 2048, query_block = 16
+    cdef Py_ssize_t n_chunks, c, q0, qn, q, j, team
+    cdef double* histograms
     cdef double* partial
     out[:, :] = 0.0
     if n == 0 or m == 0:
@@ -495,26 +534,22 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     while (n + chunk - 1) // chunk > 256:
         chunk *= 2
     n_chunks = (n + chunk - 1) // chunk
-    byte_table = <double*> malloc(256 * 8 * sizeof(double))
+    team = threads_for(n * d * min(m, query_block), min(n_threads, n_chunks))
+    histograms = <double*> malloc(team * row_bytes * 256 * sizeof(double))
     partial = <double*> malloc(n_chunks * query_block * d * sizeof(double))
-    if byte_table == NULL or partial == NULL:
-        free(byte_table)
+    if histograms == NULL or partial == NULL:
+        free(histograms)
         free(partial)
         raise MemoryError()
-    if byte_aligned(bits):
-        per_byte = 8 // bits
-        for v in range(256):
-            for k in range(per_byte):
-                byte_table[v * per_byte + k] = centroids[(v >> (k * bits)) & ((1 << bits) - 1)]
     try:
         with nogil:
             q0 = 0
             while q0 < m:
-                qn = m - q0 if m - q0 < query_block else query_block
-                for c in prange(n_chunks, num_threads=threads_for(n * d * qn, min(n_threads, n_chunks)),
-                                schedule="static"):
-                    accumulate_chunk(codes, bits, &centroids[0], byte_table, weights, scales,
-                                     q0, qn, c * chunk, min((c + 1) * chunk, n), d,
+                qn = min(query_block, m - q0)
+                for c in prange(n_chunks, num_threads=team, schedule="static"):
+                    accumulate_chunk(codes, bits, &centroids[0], weights, scales, q0, qn,
+                                     c * chunk, min((c + 1) * chunk, n), d,
+                                     histograms + tq_thread_num() * row_bytes * 256,
                                      partial + c * query_block * d)
                 for c in range(n_chunks):
                     for q in range(qn):
@@ -522,5 +557,5 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
                             out[q0 + q, j] += partial[(c * query_block + q) * d + j]
                 q0 += qn
     finally:
-        free(byte_table)
+        free(histograms)
         free(partial)
