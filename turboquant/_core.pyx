@@ -15,10 +15,14 @@ little-endian bit stream; index ``j`` occupies bits ``j*bits .. j*bits+bits-1``
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport fabs, sqrt
+from libc.math cimport INFINITY, fabs, sqrt
 from libc.stdint cimport uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
+
+cdef extern from "tq_hadamard.h" nogil:
+    void tq_hadamard_row(double* v, const double* signs, Py_ssize_t rounds, Py_ssize_t d,
+                         Py_ssize_t block, int inverse)
 
 cdef extern from "tq_openmp.h" nogil:
     int tq_openmp_enabled()
@@ -79,16 +83,88 @@ cdef inline void write_index(uint8_t* row, Py_ssize_t j, int bits,
         row[byte + 1] |= <uint8_t> (value >> (8 - shift))
 
 
-cdef inline uint32_t search_cell(const double* boundaries, int levels,
+cdef struct CellSearch:
+    # Uniform buckets over the boundaries' range. ``start[b]`` never exceeds the
+    # number of boundaries below a value in bucket ``b``, and at most ``max_scan``
+    # more boundaries can lie below it; ``padded`` is the boundaries followed by
+    # ``max_scan + 1`` copies of +inf, so the scan needs no bounds check.
+    int n_buckets
+    int max_scan
+    double low
+    double inv_width
+    int* start
+    double* padded
+
+
+cdef int cell_search_init(CellSearch* search, const double* boundaries, int levels) except -1:
+    cdef int n_buckets, n_boundaries = levels - 1, b, k = 0, scan = 0
+    cdef double low = boundaries[0], high = boundaries[n_boundaries - 1], width, edge
+    cdef double min_gap
+    if not high > low:
+        low -= 1.0
+        high += 1.0
+    min_gap = high - low
+    for k in range(n_boundaries - 1):
+        if boundaries[k + 1] - boundaries[k] < min_gap:
+            min_gap = boundaries[k + 1] - boundaries[k]
+    k = 0
+    # Buckets of a quarter of the smallest gap: a bucket and its half-bucket of
+    # slack (1.5 widths) then hold at most one boundary, so the scan is one compare.
+    n_buckets = <int> min(max(4.0 * (high - low) / min_gap, 16.0), 65536.0)
+    width = (high - low) / n_buckets
+    search.start = <int*> malloc((n_buckets + 1) * sizeof(int))
+    search.padded = NULL
+    if search.start == NULL:
+        raise MemoryError()
+    search.n_buckets = n_buckets
+    search.low = low
+    search.inv_width = 1.0 / width
+    for b in range(n_buckets):
+        # Half a bucket of slack absorbs rounding in the bucket computation.
+        edge = low + (b - 0.5) * width
+        while k < n_boundaries and boundaries[k] < edge:
+            k += 1
+        search.start[b] = k
+    search.start[n_buckets] = n_boundaries
+    for b in range(n_buckets):
+        scan = max(scan, search.start[min(b + 2, n_buckets)] - search.start[b])
+    search.max_scan = scan
+    search.padded = <double*> malloc((n_boundaries + scan + 1) * sizeof(double))
+    if search.padded == NULL:
+        free(search.start)
+        raise MemoryError()
+    for k in range(n_boundaries):
+        search.padded[k] = boundaries[k]
+    for k in range(n_boundaries, n_boundaries + scan + 1):
+        search.padded[k] = INFINITY
+    return 0
+
+
+cdef void cell_search_free(CellSearch* search) noexcept:
+    free(search.start)
+    free(search.padded)
+
+
+cdef inline uint32_t search_cell(const int* bucket_start, const double* padded, int max_scan,
+                                 double low, double inv_width, double last_bucket,
                                  double u) noexcept nogil:
-    """Number of boundaries strictly below ``u`` (``levels - 1`` sorted boundaries)."""
-    cdef uint32_t idx = 0
-    cdef int step = levels >> 1
-    while step > 0:
-        if boundaries[idx + step - 1] < u:
-            idx += step
-        step >>= 1
-    return idx
+    """Number of boundaries strictly below ``u``: a bucket lookup, then a short
+    branch-free count (see :c:type:`CellSearch`; its fields are passed by value
+    so the compiler keeps them in registers)."""
+    cdef double position = (u - low) * inv_width
+    cdef int start, idx, step
+    # Plain compares, not fmin/fmax: those must honour NaN and become calls.
+    position = position if position > 0.0 else 0.0
+    position = position if position < last_bucket else last_bucket
+    start = bucket_start[<int> position]
+    if max_scan == 1:
+        return <uint32_t> (start + (padded[start] < u))
+    idx = start
+    # The boundaries are sorted, so counting those below u among the next
+    # max_scan ones finishes the search; the compares are independent.
+    for step in range(max_scan):
+        idx += padded[start + step] < u
+    return <uint32_t> idx
 
 
 # ---------------------------------------------------------------------------
@@ -140,47 +216,6 @@ def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
 # Randomized Hadamard rotation
 # ---------------------------------------------------------------------------
 
-cdef inline void fwht_normalized(double* v, Py_ssize_t length) noexcept nogil:
-    """In-place orthonormal Walsh-Hadamard transform of a power-of-two block."""
-    cdef Py_ssize_t h = 1, i, j
-    cdef double a, b, scale
-    while h < length:
-        i = 0
-        while i < length:
-            for j in range(i, i + h):
-                a = v[j]
-                b = v[j + h]
-                v[j] = a + b
-                v[j + h] = a - b
-            i += 2 * h
-        h *= 2
-    scale = 1.0 / sqrt(<double> length)
-    for j in range(length):
-        v[j] *= scale
-
-
-cdef inline void hadamard_forward_row(double* v, const double* signs, Py_ssize_t rounds,
-                                      Py_ssize_t d, Py_ssize_t block) noexcept nogil:
-    cdef Py_ssize_t r, j
-    for r in range(rounds):
-        for j in range(d):
-            v[j] *= signs[r * d + j]
-        fwht_normalized(v, block)
-        if block < d:
-            fwht_normalized(v + (d - block), block)
-
-
-cdef inline void hadamard_inverse_row(double* v, const double* signs, Py_ssize_t rounds,
-                                      Py_ssize_t d, Py_ssize_t block) noexcept nogil:
-    cdef Py_ssize_t r, j
-    for r in range(rounds - 1, -1, -1):
-        if block < d:
-            fwht_normalized(v + (d - block), block)
-        fwht_normalized(v, block)
-        for j in range(d):
-            v[j] *= signs[r * d + j]
-
-
 def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
                     const double[:, ::1] signs, Py_ssize_t block, bint inverse,
                     int n_threads):
@@ -212,10 +247,7 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
             row = scratch + tq_thread_num() * d
             for j in range(d):
                 row[j] = x[i, j]
-            if inverse:
-                hadamard_inverse_row(row, &signs[0, 0], rounds, d, block)
-            else:
-                hadamard_forward_row(row, &signs[0, 0], rounds, d, block)
+            tq_hadamard_row(row, &signs[0, 0], rounds, d, block, inverse)
             for j in range(d):
                 out[i, j] = <floating> row[j]
     finally:
@@ -225,6 +257,40 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
 # ---------------------------------------------------------------------------
 # Scalar quantization and bit packing
 # ---------------------------------------------------------------------------
+
+cdef void quantize_row(const floating* y, Py_ssize_t d, double inv, int bits,
+                       const int* bucket_start, const double* padded, int max_scan,
+                       double low, double inv_width, double last_bucket,
+                       const double* centroids, uint8_t* row, Py_ssize_t row_bytes,
+                       floating* residual) noexcept nogil:
+    """Quantize and pack one row (``residual`` may be NULL). A function of its
+    own so that the search parameters live in registers: stores through the
+    ``uint8_t`` row may alias any memory, including OpenMP's shared variables."""
+    cdef int per_byte = 8 // bits, k
+    cdef Py_ssize_t r, j
+    cdef uint32_t packed, idx
+    cdef double u
+    if byte_aligned(bits):
+        for r in range(row_bytes):
+            packed = 0
+            for k in range(per_byte):
+                j = r * per_byte + k
+                if j < d:
+                    u = y[j] * inv
+                    idx = search_cell(bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
+                    packed = packed | (idx << (k * bits))
+                    if residual != NULL:
+                        residual[j] = <floating> (u - centroids[idx])
+            row[r] = <uint8_t> packed
+    else:
+        memset(row, 0, row_bytes)
+        for j in range(d):
+            u = y[j] * inv
+            idx = search_cell(bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
+            write_index(row, j, bits, idx)
+            if residual != NULL:
+                residual[j] = <floating> (u - centroids[idx])
+
 
 def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
                   const double[::1] boundaries, const double[::1] centroids, int bits,
@@ -247,22 +313,17 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
         ``y[i]/norms[i] - centroids[index]``
     n_threads : int >= 1
     """
-    cdef Py_ssize_t n = y.shape[0], d = y.shape[1], row_bytes = codes.shape[1]
-    cdef Py_ssize_t i, j
-    cdef int levels = 1 << bits
-    cdef double inv, u
-    cdef uint32_t idx
-    cdef uint8_t* row
-    for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
-        row = &codes[i, 0]
-        memset(row, 0, row_bytes)
-        inv = 1.0 / norms[i] if norms[i] > 0.0 else 0.0
-        for j in range(d):
-            u = y[i, j] * inv
-            idx = search_cell(&boundaries[0], levels, u)
-            write_index(row, j, bits, idx)
-            if want_residual:
-                residual[i, j] = <floating> (u - centroids[idx])
+    cdef Py_ssize_t n = y.shape[0], d = y.shape[1], row_bytes = codes.shape[1], i
+    cdef CellSearch search
+    cell_search_init(&search, &boundaries[0], 1 << bits)
+    try:
+        for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
+            quantize_row(&y[i, 0], d, 1.0 / norms[i] if norms[i] > 0.0 else 0.0, bits,
+                         search.start, search.padded, search.max_scan, search.low,
+                         search.inv_width, search.n_buckets - 1.0, &centroids[0],
+                         &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
+    finally:
+        cell_search_free(&search)
 
 
 def unpack_indices(const uint8_t[:, ::1] codes, int bits, uint8_t[:, ::1] out,
