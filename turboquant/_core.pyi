@@ -25,6 +25,19 @@ def quantize_pack(
     want_residual: bool,
     n_threads: int,
 ) -> None: ...
+def hadamard_quantize_pack(
+    x: _Float,
+    signs: _F64,
+    block: int,
+    boundaries: _F64,
+    centroids: _F64,
+    bits: int,
+    norms: _F64,
+    codes: _U8,
+    residual: _Float,
+    want_residual: bool,
+    n_threads: int,
+) -> None: ...
 def unpack_indices(codes: _U8, bits: int, out: _U8, n_threads: int) -> None: ...
 def pack_indices(indices: _U8, bits: int, codes: _U8, n_threads: int) -> None: ...
 def dequantize_rows(

@@ -172,19 +172,33 @@ cdef inline uint32_t search_cell(const int* bucket_start, const double* padded, 
 # ---------------------------------------------------------------------------
 
 cdef inline double scaled_norm(const floating* row, Py_ssize_t d) noexcept nogil:
-    """Two-pass norm that neither overflows nor underflows (for extreme float64 rows)."""
+    """Two-pass norm that neither overflows nor underflows (for extreme float64
+    rows); NaN or infinity anywhere gives a non-finite result."""
     cdef Py_ssize_t j
     cdef double scale = 0.0, acc = 0.0, v
     for j in range(d):
         v = fabs(row[j])
-        if v > scale:
-            scale = v
+        if v > scale or v != v:
+            scale = v  # NaN propagates to the result
     if scale == 0.0:
         return 0.0
     for j in range(d):
         v = row[j] / scale
         acc += v * v
     return scale * sqrt(acc)
+
+
+cdef inline double row_norm(const floating* row, Py_ssize_t d) noexcept nogil:
+    """One pass of squares in double; redone with scaling when the sum leaves
+    the safe range of double (only possible for float64 input)."""
+    cdef Py_ssize_t j
+    cdef double acc = 0.0, v
+    for j in range(d):
+        v = row[j]
+        acc += v * v
+    if acc < 1e300 and acc > 1e-280:
+        return sqrt(acc)
+    return scaled_norm(row, d)
 
 
 def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
@@ -199,17 +213,9 @@ def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
     out : (n,) float64, written
     n_threads : int >= 1
     """
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i, j
-    cdef double acc, v
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i
     for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
-        acc = 0.0
-        for j in range(d):
-            v = x[i, j]
-            acc = acc + v * v
-        if acc < 1e300 and acc > 1e-280:
-            out[i] = sqrt(acc)
-        else:
-            out[i] = scaled_norm(&x[i, 0], d)
+        out[i] = row_norm(&x[i, 0], d)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +264,12 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
 # Scalar quantization and bit packing
 # ---------------------------------------------------------------------------
 
-cdef void quantize_row(const floating* y, Py_ssize_t d, double inv, int bits,
+ctypedef fused rotated_t:
+    float
+    double
+
+
+cdef void quantize_row(const rotated_t* y, Py_ssize_t d, double inv, int bits,
                        const int* bucket_start, const double* padded, int max_scan,
                        double low, double inv_width, double last_bucket,
                        const double* centroids, uint8_t* row, Py_ssize_t row_bytes,
@@ -324,6 +335,56 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
                          &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
     finally:
         cell_search_free(&search)
+
+
+def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
+                           Py_ssize_t block, const double[::1] boundaries,
+                           const double[::1] centroids, int bits, double[::1] norms,
+                           uint8_t[:, ::1] codes, floating[:, ::1] residual,
+                           bint want_residual, int n_threads):
+    """Norms, randomized Hadamard rotation and quantization of every row in one pass.
+
+    Equivalent to :func:`row_norms`, :func:`hadamard_rotate` and
+    :func:`quantize_pack` in turn, without the intermediate rotated array (the
+    rotated row stays in double).
+
+    Parameters
+    ----------
+    x : (n, d) float32 or float64
+    signs, block : as for :func:`hadamard_rotate`
+    boundaries, centroids, bits, codes, residual, want_residual : as for :func:`quantize_pack`
+    norms : (n,) float64, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], rounds = signs.shape[0]
+    cdef Py_ssize_t row_bytes = codes.shape[1], i, j
+    cdef int team = threads_for(n * d, n_threads)
+    cdef double* row
+    cdef double norm
+    cdef CellSearch search
+    cdef double* scratch = <double*> malloc(team * d * sizeof(double))
+    if scratch == NULL:
+        raise MemoryError()
+    try:
+        cell_search_init(&search, &boundaries[0], 1 << bits)
+    except MemoryError:
+        free(scratch)
+        raise
+    try:
+        for i in prange(n, nogil=True, num_threads=team, schedule="static"):
+            row = scratch + tq_thread_num() * d
+            norm = row_norm(&x[i, 0], d)
+            norms[i] = norm
+            for j in range(d):
+                row[j] = x[i, j]
+            tq_hadamard_row(row, &signs[0, 0], rounds, d, block, 0)
+            quantize_row(row, d, 1.0 / norm if norm > 0.0 else 0.0, bits,
+                         search.start, search.padded, search.max_scan, search.low,
+                         search.inv_width, search.n_buckets - 1.0, &centroids[0],
+                         &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
+    finally:
+        cell_search_free(&search)
+        free(scratch)
 
 
 def unpack_indices(const uint8_t[:, ::1] codes, int bits, uint8_t[:, ::1] out,

@@ -14,7 +14,7 @@ from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 from ._errors import InvalidParameterError, NonFiniteError
 from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
 from ._threads import resolve_n_threads
-from ._validation import FLOAT_DTYPES, as_rows, check_choice, check_int
+from ._validation import FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
 
 SIGN_CENTROIDS = np.array([-1.0, 1.0])
 SIGN_BOUNDARIES = np.array([0.0])
@@ -59,9 +59,16 @@ class _Quantizer:
     def _norms(self, rows, n_threads):
         norms = np.empty(rows.shape[0])
         _core.row_norms(rows, norms, n_threads)
-        if norms.size and norms.max() > FLOAT32_MAX:
-            raise NonFiniteError("a vector's norm exceeds the float32 range and cannot be stored")
+        self._check_norms(norms, rows)
         return norms
+
+    @staticmethod
+    def _check_norms(norms, rows):
+        """Refuse rows with NaN or infinity (their norm is not finite) and norms
+        beyond float32."""
+        if norms.size and not norms.max() <= FLOAT32_MAX:
+            check_all_finite(rows, "x")
+            raise NonFiniteError("a vector's norm exceeds the float32 range and cannot be stored")
 
     def _check_codes(self, codes):
         if not isinstance(codes, self.codes_type):
@@ -97,7 +104,7 @@ class _Quantizer:
         ------
         ShapeError, DTypeError, NonFiniteError
         """
-        rows, _ = as_rows(x, self.dim, "x")
+        rows, _ = as_rows(x, self.dim, "x", check_finite=False)   # the norms check it
         return self._quantize_rows(rows, resolve_n_threads(n_threads))
 
     def dequantize(self, codes, *, dtype=np.float64, n_threads=None):
@@ -204,13 +211,23 @@ class TurboQuantMSE(_Quantizer):
 
     def encode(self, rows, n_threads, want_residual=False):
         """Packed indices, float64 norms and (optionally) the rotated unit-domain residual."""
-        norms = self._norms(rows, n_threads)
-        rotated = self.rotate(rows, n_threads)
         n = rows.shape[0]
         indices = np.empty((n, packed_row_bytes(self.dim, self.bits)), dtype=np.uint8)
         residual = np.empty((n, self.dim) if want_residual else (0, 0), dtype=rows.dtype)
+        book = self.codebook
+        if self.rotation == "hadamard":
+            # One fused pass: norms, rotation and packing.
+            norms = np.empty(n)
+            if n:
+                _core.hadamard_quantize_pack(rows, self._rotation.signs, self._rotation.block,
+                                             book.boundaries, book.centroids, self.bits, norms,
+                                             indices, residual, want_residual, n_threads)
+            self._check_norms(norms, rows)
+            return indices, norms, residual
+        norms = self._norms(rows, n_threads)
+        rotated = self.rotate(rows, n_threads)
         if n:
-            _core.quantize_pack(rotated, norms, self.codebook.boundaries, self.codebook.centroids,
+            _core.quantize_pack(rotated, norms, book.boundaries, book.centroids,
                                 self.bits, indices, residual, want_residual, n_threads)
         return indices, norms, residual
 

@@ -51,7 +51,7 @@ def float_dtype_of(array, name):
     )
 
 
-def as_rows(x, dim, name, *, dtype=None):
+def as_rows(x, dim, name, *, dtype=None, check_finite=True):
     """Validate a vector or a block of vectors and return it as a C-contiguous
     ``(n, dim)`` float array.
 
@@ -63,6 +63,10 @@ def as_rows(x, dim, name, *, dtype=None):
         Used in error messages.
     dtype : numpy dtype, optional
         Force this float dtype instead of following the input's.
+    check_finite : bool, default=True
+        Refuse NaN and infinity. Callers that compute every row's norm may
+        pass False and check the norms instead (a non-finite entry makes the
+        norm non-finite), saving a pass over the data.
 
     Returns
     -------
@@ -88,6 +92,12 @@ def as_rows(x, dim, name, *, dtype=None):
     target = float_dtype_of(array, name) if dtype is None else np.dtype(dtype)
     was_1d = array.ndim == 1
     rows = np.ascontiguousarray(array.reshape(1, dim) if was_1d else array, dtype=target)
+    if check_finite:
+        check_all_finite(rows, name)
+    return rows, was_1d
+
+
+def check_all_finite(rows, name):
+    """Raise NonFiniteError when ``rows`` holds NaN or infinity."""
     if not np.isfinite(rows).all():
         raise NonFiniteError(f"{name} contains NaN or infinity")
-    return rows, was_1d
