@@ -62,12 +62,12 @@ cdef inline int threads_for(Py_ssize_t work, int n_threads) noexcept nogil:
 
 cdef inline uint32_t read_index(const uint8_t* row, Py_ssize_t j, int bits,
                                 Py_ssize_t row_bytes) noexcept nogil:
-    """Index ``j`` of a packed row."""
+    """Bits ``j*bits .. j*bits + bits - 1`` of a packed row (bits past its end read as 0)."""
     cdef Py_ssize_t bit = j * bits
     cdef Py_ssize_t byte = bit >> 3
     cdef int shift = bit & 7
     cdef uint32_t word = row[byte]
-    if shift + bits > 8:
+    if shift + bits > 8 and byte + 1 < row_bytes:
         word |= (<uint32_t> row[byte + 1]) << 8
     return (word >> shift) & ((1u << bits) - 1u)
 
@@ -281,7 +281,23 @@ cdef void quantize_row(const rotated_t* y, Py_ssize_t d, double inv, int bits,
     cdef Py_ssize_t r, j
     cdef uint32_t packed, idx
     cdef double u
-    if byte_aligned(bits):
+    if bits <= 2:
+        # One or three boundaries: count them directly, no table.
+        for r in range(row_bytes):
+            packed = 0
+            for k in range(per_byte):
+                j = r * per_byte + k
+                if j < d:
+                    u = y[j] * inv
+                    if bits == 1:
+                        idx = padded[0] < u
+                    else:
+                        idx = (padded[0] < u) + (padded[1] < u) + (padded[2] < u)
+                    packed = packed | (idx << (k * bits))
+                    if residual != NULL:
+                        residual[j] = <floating> (u - centroids[idx])
+            row[r] = <uint8_t> packed
+    elif byte_aligned(bits):
         for r in range(row_bytes):
             packed = 0
             for k in range(per_byte):
@@ -455,45 +471,49 @@ cdef inline bint byte_aligned(int bits) noexcept nogil:
     return bits == 1 or bits == 2 or bits == 4 or bits == 8
 
 
-cdef inline Py_ssize_t table_rows(Py_ssize_t d, int bits, Py_ssize_t row_bytes) noexcept nogil:
-    """Rows of the lookup table: one per byte when indices tile bytes, else one per coordinate."""
-    return row_bytes if byte_aligned(bits) else d
+# Table scoring reads a code row as "slots": groups of consecutive indices
+# whose bits are contiguous in the stream, looked up together. With 1, 2, 4 or 8
+# bits a slot is a byte; with 3 bits, two indices (6 bits, 64 entries); with 5,
+# 6 or 7 bits, one index.
+
+cdef inline int slot_bits(int bits) noexcept nogil:
+    if byte_aligned(bits):
+        return 8
+    return 6 if bits == 3 else bits
+
+
+cdef inline Py_ssize_t table_slots(Py_ssize_t d, int bits) noexcept nogil:
+    cdef Py_ssize_t per_slot = slot_bits(bits) // bits
+    return (d + per_slot - 1) // per_slot
 
 
 cdef inline void build_table(const floating* query, Py_ssize_t d, int bits,
-                             const double* centroids, double* table,
-                             Py_ssize_t rows) noexcept nogil:
-    """Lookup table of one query: ``table[r*256 + v]`` is the contribution of byte
-    (or coordinate) ``r`` holding value ``v``."""
-    cdef int levels = 1 << bits
-    cdef int per_byte, k, v
-    cdef Py_ssize_t r, j
+                             const double* centroids, double* table) noexcept nogil:
+    """Lookup table of one query: ``table[s * 2**slot_bits + v]`` is the
+    contribution of slot ``s`` holding the bits ``v``."""
+    cdef int width = slot_bits(bits), per_slot = width // bits, k
+    cdef Py_ssize_t stride = (<Py_ssize_t> 1) << width, slots = table_slots(d, bits), r, j, v
     cdef uint32_t mask = (1u << bits) - 1u
     cdef double acc
-    if byte_aligned(bits):
-        per_byte = 8 // bits
-        for r in range(rows):
-            for v in range(256):
-                acc = 0.0
-                for k in range(per_byte):
-                    j = r * per_byte + k
-                    if j < d:
-                        acc = acc + query[j] * centroids[(v >> (k * bits)) & mask]
-                table[r * 256 + v] = acc
-    else:
-        for r in range(rows):
-            for v in range(levels):
-                table[r * 256 + v] = query[r] * centroids[v]
+    for r in range(slots):
+        for v in range(stride):
+            acc = 0.0
+            for k in range(per_slot):
+                j = r * per_slot + k
+                if j < d:
+                    acc = acc + query[j] * centroids[(v >> (k * bits)) & mask]
+            table[r * stride + v] = acc
 
 
 cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t d,
                              int bits, Py_ssize_t row_bytes) noexcept nogil:
     """Sum of one code row's table entries. Four accumulators in a fixed order
     break the chain of dependent additions; the result is the same on every run."""
-    cdef Py_ssize_t r, count = row_bytes if byte_aligned(bits) else d
+    cdef int width = slot_bits(bits)
+    cdef Py_ssize_t stride = (<Py_ssize_t> 1) << width, count = table_slots(d, bits), r
     cdef Py_ssize_t tail = count - count % 4
     cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
-    if byte_aligned(bits):
+    if width == 8:
         for r in range(0, tail, 4):
             a0 += table[r * 256 + row[r]]
             a1 += table[(r + 1) * 256 + row[r + 1]]
@@ -503,12 +523,12 @@ cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t
             a0 += table[r * 256 + row[r]]
     else:
         for r in range(0, tail, 4):
-            a0 += table[r * 256 + read_index(row, r, bits, row_bytes)]
-            a1 += table[(r + 1) * 256 + read_index(row, r + 1, bits, row_bytes)]
-            a2 += table[(r + 2) * 256 + read_index(row, r + 2, bits, row_bytes)]
-            a3 += table[(r + 3) * 256 + read_index(row, r + 3, bits, row_bytes)]
+            a0 += table[r * stride + read_index(row, r, width, row_bytes)]
+            a1 += table[(r + 1) * stride + read_index(row, r + 1, width, row_bytes)]
+            a2 += table[(r + 2) * stride + read_index(row, r + 2, width, row_bytes)]
+            a3 += table[(r + 3) * stride + read_index(row, r + 3, width, row_bytes)]
         for r in range(tail, count):
-            a0 += table[r * 256 + read_index(row, r, bits, row_bytes)]
+            a0 += table[r * stride + read_index(row, r, width, row_bytes)]
     return (a0 + a1) + (a2 + a3)
 
 
@@ -518,8 +538,8 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
     """Inner products of queries with packed codes, without dequantizing.
 
     ``out[q, i] (+)= scales[i] * sum_j queries[q, j] * centroids[index(i, j)]``.
-    For 1, 2, 4 and 8 bits the table is indexed by whole code bytes (one lookup
-    per byte); otherwise by coordinate. Sums are accumulated in double in a
+    The table is indexed by whole bytes for 1, 2, 4 and 8 bits, by pairs of
+    indices for 3 bits and by single indices for 5, 6 and 7 bits. Sums are accumulated in double in a
     fixed order, so results do not depend on the thread count.
 
     Parameters
@@ -535,8 +555,7 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
     """
     cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
-    cdef Py_ssize_t rows = table_rows(d, bits, row_bytes)
-    cdef Py_ssize_t table_size = rows * 256, q0, qn, q, i
+    cdef Py_ssize_t table_size = table_slots(d, bits) << slot_bits(bits), q0, qn, q, i
     # Queries per pass over the codes: as many tables as fit in about 2 MiB.
     cdef Py_ssize_t block = max(1, min(16, (2 << 20) // (table_size * <Py_ssize_t> sizeof(double))))
     cdef double value
@@ -553,8 +572,9 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
                 qn = min(block, m - q0)
                 for q in prange(qn, num_threads=threads_for(qn * table_size, min(n_threads, qn)),
                                 schedule="static"):
-                    build_table(&queries[q0 + q, 0], d, bits, &centroids[0], tables + q * table_size, rows)
-                for i in prange(n, num_threads=threads_for(n * rows * qn, n_threads), schedule="static"):
+                    build_table(&queries[q0 + q, 0], d, bits, &centroids[0], tables + q * table_size)
+                for i in prange(n, num_threads=threads_for(n * table_slots(d, bits) * qn, n_threads),
+                                schedule="static"):
                     for q in range(qn):
                         value = scales[i] * score_row(&codes[i, 0], tables + q * table_size, d, bits, row_bytes)
                         if accumulate:
