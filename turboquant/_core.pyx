@@ -264,6 +264,18 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
 # Scalar quantization and bit packing
 # ---------------------------------------------------------------------------
 
+cdef inline uint32_t cell_index(int bits, const int* bucket_start, const double* padded,
+                                int max_scan, double low, double inv_width, double last_bucket,
+                                double u) noexcept nogil:
+    """Cell of ``u``: direct compares for the one or three boundaries of 1 or 2
+    bits, the bucketed search otherwise."""
+    if bits == 1:
+        return padded[0] < u
+    if bits == 2:
+        return (padded[0] < u) + (padded[1] < u) + (padded[2] < u)
+    return search_cell(bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
+
+
 ctypedef fused rotated_t:
     float
     double
@@ -281,30 +293,14 @@ cdef void quantize_row(const rotated_t* y, Py_ssize_t d, double inv, int bits,
     cdef Py_ssize_t r, j
     cdef uint32_t packed, idx
     cdef double u
-    if bits <= 2:
-        # One or three boundaries: count them directly, no table.
+    if byte_aligned(bits):
         for r in range(row_bytes):
             packed = 0
             for k in range(per_byte):
                 j = r * per_byte + k
                 if j < d:
                     u = y[j] * inv
-                    if bits == 1:
-                        idx = padded[0] < u
-                    else:
-                        idx = (padded[0] < u) + (padded[1] < u) + (padded[2] < u)
-                    packed = packed | (idx << (k * bits))
-                    if residual != NULL:
-                        residual[j] = <floating> (u - centroids[idx])
-            row[r] = <uint8_t> packed
-    elif byte_aligned(bits):
-        for r in range(row_bytes):
-            packed = 0
-            for k in range(per_byte):
-                j = r * per_byte + k
-                if j < d:
-                    u = y[j] * inv
-                    idx = search_cell(bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
+                    idx = cell_index(bits, bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
                     packed = packed | (idx << (k * bits))
                     if residual != NULL:
                         residual[j] = <floating> (u - centroids[idx])
@@ -313,7 +309,7 @@ cdef void quantize_row(const rotated_t* y, Py_ssize_t d, double inv, int bits,
         memset(row, 0, row_bytes)
         for j in range(d):
             u = y[j] * inv
-            idx = search_cell(bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
+            idx = cell_index(bits, bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
             write_index(row, j, bits, idx)
             if residual != NULL:
                 residual[j] = <floating> (u - centroids[idx])

@@ -28,6 +28,7 @@ from ._threads import resolve_n_threads
 from ._validation import as_rows
 
 FULL_PRECISION = np.float32
+VALUE_PREFIX = "value."
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -159,6 +160,16 @@ class _PendingAppend:
                  "drop_recent", "recent_keys", "recent_values", "channels", "added")
 
 
+def _value_prefixed(mapping):
+    """Value arrays (or their layout) named as stored beside the keys."""
+    return {VALUE_PREFIX + name: item for name, item in mapping.items()}
+
+
+def _value_arrays(views):
+    """The value arrays among the quantized region's views, under their own names."""
+    return {name[len(VALUE_PREFIX):]: array for name, array in views.items() if name.startswith(VALUE_PREFIX)}
+
+
 def _softmax(logits):
     logits = logits - logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
@@ -202,7 +213,7 @@ class QuantizedKVCache:
         full = {"k": (FULL_PRECISION, (config.dim,)), "v": (FULL_PRECISION, (config.dim,))}
         self._sinks = RowBuffer(full)
         self._recent = RowBuffer(full)
-        self._quantized = RowBuffer({**self._keys.layout, **{"value." + k: v for k, v in self._values.layout.items()}})
+        self._quantized = RowBuffer({**self._keys.layout, **_value_prefixed(self._values.layout)})
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -250,8 +261,7 @@ class QuantizedKVCache:
         """
         views = self._quantized.views()
         main, outlier = self._keys.codes(views)
-        values = self._values.codes({k[len("value."):]: v for k, v in views.items() if k.startswith("value.")})
-        return main, outlier, values
+        return main, outlier, self._values.codes(_value_arrays(views))
 
     # -- writing -------------------------------------------------------------------
     def _rows(self, array, name):
@@ -342,9 +352,7 @@ class QuantizedKVCache:
         self._sinks.append({"k": plan.sink_keys, "v": plan.sink_values})
         self._quantized.drop_front(plan.drop_quantized)
         if plan.key_arrays is not None:
-            rows = dict(plan.key_arrays)
-            rows.update({"value." + k: v for k, v in plan.value_arrays.items()})
-            self._quantized.append(rows)
+            self._quantized.append({**plan.key_arrays, **_value_prefixed(plan.value_arrays)})
         self._recent.drop_front(plan.drop_recent)
         self._recent.append({"k": plan.recent_keys, "v": plan.recent_values})
 
@@ -452,9 +460,7 @@ class QuantizedKVCache:
                 out += weights[:, :n_sinks] @ self._sinks.views()["v"]
             if n_quant:
                 block = np.ascontiguousarray(weights[:, n_sinks:n_sinks + n_quant])
-                views = self._quantized.views()
-                value_arrays = {k[len("value."):]: v for k, v in views.items() if k.startswith("value.")}
-                out += self._values.weighted_sum(value_arrays, block, n_threads)
+                out += self._values.weighted_sum(_value_arrays(self._quantized.views()), block, n_threads)
             if len(self._recent):
                 out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
         out = out.astype(queries.dtype, copy=False)
@@ -471,8 +477,7 @@ class QuantizedKVCache:
             if which == "k":
                 parts.append(self._keys.decode(views, dtype, n_threads))
             else:
-                value_arrays = {k[len("value."):]: v for k, v in views.items() if k.startswith("value.")}
-                parts.append(self._values.decode(value_arrays, dtype, n_threads))
+                parts.append(self._values.decode(_value_arrays(views), dtype, n_threads))
         parts.append(self._recent.views()[which].astype(dtype))
         return np.concatenate(parts, axis=0)
 
@@ -489,8 +494,8 @@ class QuantizedKVCache:
         """Byte-exact memory accounting (:class:`CacheStats`)."""
         c = self.config
         views = self._quantized.views()
-        key_bytes = sum(v.nbytes for k, v in views.items() if not k.startswith("value."))
-        value_bytes = sum(v.nbytes for k, v in views.items() if k.startswith("value."))
+        value_bytes = sum(array.nbytes for array in _value_arrays(views).values())
+        key_bytes = sum(array.nbytes for array in views.values()) - value_bytes
         for buffer in (self._sinks, self._recent):
             full = buffer.views()
             key_bytes += full["k"].nbytes

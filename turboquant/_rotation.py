@@ -83,8 +83,6 @@ class DenseRotation(_MatrixTransform):
     rng : numpy.random.Generator
     """
 
-    orthogonal = True
-
     def __init__(self, dim, rng):
         gaussian = rng.standard_normal((dim, dim))
         q, r = np.linalg.qr(gaussian)
@@ -99,8 +97,6 @@ class DenseRotation(_MatrixTransform):
 class GaussianSketch(_MatrixTransform):
     """The QJL sketch: a dim x dim matrix of i.i.d. standard normal entries."""
 
-    orthogonal = False
-
     def __init__(self, dim, rng):
         super().__init__(rng.standard_normal((dim, dim)))
         self.dim = dim
@@ -114,8 +110,6 @@ class HadamardRotation:
     dim : int
     rng : numpy.random.Generator
     """
-
-    orthogonal = True
 
     def __init__(self, dim, rng):
         self.dim = dim
