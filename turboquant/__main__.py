@@ -87,13 +87,13 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     print(f"TurboQuantMSE distortion E||x - x_hat||^2 over {args.n} random unit vectors, "
           f"d = {args.dim}, rotation = {args.rotation!r}")
-    print(f"{'bits':>4} {'measured':>10} {'expected':>10} {'paper':>8} "
-          f"{'upper':>10} {'4^-b':>10} {'ratio':>6} | {'Prod d*Var':>10} {'theory':>8}")
+    print(f"{'bits':>4} {'measured':>11} {'expected':>11} {'paper':>8} "
+          f"{'upper':>11} {'4^-b':>11} {'ratio':>6} | {'Prod d*Var':>11} {'theory':>11}")
     for row in rows:
-        print(f"{row['bits']:>4} {row['measured']:>10.5f} {row['expected']:>10.5f} "
-              f"{_fmt(row['paper'], '.3f'):>8} {row['upper']:>10.5f} {row['lower']:>10.5f} "
-              f"{row['measured'] / row['lower']:>6.3f} | {_fmt(row['prod_ip_var'], '.4f'):>10} "
-              f"{_fmt(row['prod_ip_var_theory'], '.4f'):>8}")
+        print(f"{row['bits']:>4} {row['measured']:>11.4g} {row['expected']:>11.4g} "
+              f"{_fmt(row['paper'], '.3g'):>8} {row['upper']:>11.4g} {row['lower']:>11.4g} "
+              f"{row['measured'] / row['lower']:>6.3f} | {_fmt(row['prod_ip_var'], '.4g'):>11} "
+              f"{_fmt(row['prod_ip_var_theory'], '.4g'):>11}")
     print(f"\nexpected: exact value of the Lloyd-Max codebook; paper: values reported in the paper; "
           f"upper: sqrt(3)*pi/2*4^-b; ratio: measured/4^-b.\nProd d*Var: dim times the variance of "
           f"the inner-product error over 32 unit queries; theory: pi/2 * D_mse(b-1).\n"
