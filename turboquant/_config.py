@@ -1,5 +1,6 @@
 """Build and runtime information."""
 
+import os
 import sys
 
 import numpy as np
@@ -20,13 +21,15 @@ def show_config(file=None):
     -------
     dict
         The same facts: ``version``, ``openmp``, ``max_threads`` (OpenMP default
-        team size, from ``OMP_NUM_THREADS``), ``num_procs``, ``numpy``.
+        team size, from ``OMP_NUM_THREADS``), ``num_procs``, ``wait_policy``
+        (``OMP_WAIT_POLICY``; turboquant defaults it to ``PASSIVE``), ``numpy``.
     """
     info = {
         "version": __version__,
         "openmp": _core.openmp_enabled(),
         "max_threads": _core.max_threads(),
         "num_procs": _core.num_procs(),
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "numpy": np.__version__,
     }
     stream = sys.stdout if file is None else file
