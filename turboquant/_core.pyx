@@ -21,8 +21,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 cdef extern from "tq_hadamard.h" nogil:
-    void tq_hadamard_row(double* v, const double* signs, Py_ssize_t rounds, Py_ssize_t d,
-                         Py_ssize_t block, int inverse)
+    const int TQ_TILE
+    void tq_hadamard_tile(double* v, const double* signs, Py_ssize_t rounds, Py_ssize_t d,
+                          Py_ssize_t block, int inverse)
 
 cdef extern from "tq_openmp.h" nogil:
     int tq_openmp_enabled()
@@ -222,6 +223,19 @@ def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
 # Randomized Hadamard rotation
 # ---------------------------------------------------------------------------
 
+cdef inline Py_ssize_t load_tile(const floating[:, ::1] x, Py_ssize_t first,
+                                 double* tile) noexcept nogil:
+    """Rows ``first ..`` of ``x`` (at most TQ_TILE) into a transposed tile; unused
+    lanes are zero. Returns the number of rows loaded."""
+    cdef Py_ssize_t d = x.shape[1], count = min(<Py_ssize_t> TQ_TILE, x.shape[0] - first), j, lane
+    for j in range(d):
+        for lane in range(count):
+            tile[j * TQ_TILE + lane] = x[first + lane, j]
+        for lane in range(count, TQ_TILE):
+            tile[j * TQ_TILE + lane] = 0.0
+    return count
+
+
 def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
                     const double[:, ::1] signs, Py_ssize_t block, bint inverse,
                     int n_threads):
@@ -242,20 +256,21 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
     n_threads : int >= 1
     """
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], rounds = signs.shape[0]
-    cdef Py_ssize_t i, j
-    cdef double* row
-    # One scratch row per thread, indexed by the OpenMP thread number.
-    cdef double* scratch = <double*> malloc(n_threads * d * sizeof(double))
+    cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, j, lane, count
+    cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
+    cdef double* tile
+    # One transposed tile of TQ_TILE rows per thread, indexed by the OpenMP thread number.
+    cdef double* scratch = <double*> malloc(team * TQ_TILE * d * sizeof(double))
     if scratch == NULL:
         raise MemoryError()
     try:
-        for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
-            row = scratch + tq_thread_num() * d
-            for j in range(d):
-                row[j] = x[i, j]
-            tq_hadamard_row(row, &signs[0, 0], rounds, d, block, inverse)
-            for j in range(d):
-                out[i, j] = <floating> row[j]
+        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
+            tile = scratch + tq_thread_num() * TQ_TILE * d
+            count = load_tile(x, t * TQ_TILE, tile)
+            tq_hadamard_tile(tile, &signs[0, 0], rounds, d, block, inverse)
+            for lane in range(count):
+                for j in range(d):
+                    out[t * TQ_TILE + lane, j] = <floating> tile[j * TQ_TILE + lane]
     finally:
         free(scratch)
 
@@ -369,12 +384,15 @@ def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
     n_threads : int >= 1
     """
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], rounds = signs.shape[0]
-    cdef Py_ssize_t row_bytes = codes.shape[1], i, j
-    cdef int team = threads_for(n * d, n_threads)
+    cdef Py_ssize_t row_bytes = codes.shape[1], n_tiles = (n + TQ_TILE - 1) // TQ_TILE
+    cdef Py_ssize_t t, i, j, lane, count
+    cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
+    cdef double* tile
     cdef double* row
     cdef double norm
     cdef CellSearch search
-    cdef double* scratch = <double*> malloc(team * d * sizeof(double))
+    # Per thread: a transposed tile of TQ_TILE rows, then one row gathered from it.
+    cdef double* scratch = <double*> malloc(team * (TQ_TILE + 1) * d * sizeof(double))
     if scratch == NULL:
         raise MemoryError()
     try:
@@ -383,17 +401,21 @@ def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
         free(scratch)
         raise
     try:
-        for i in prange(n, nogil=True, num_threads=team, schedule="static"):
-            row = scratch + tq_thread_num() * d
-            norm = row_norm(&x[i, 0], d)
-            norms[i] = norm
-            for j in range(d):
-                row[j] = x[i, j]
-            tq_hadamard_row(row, &signs[0, 0], rounds, d, block, 0)
-            quantize_row(row, d, 1.0 / norm if norm > 0.0 else 0.0, bits,
-                         search.start, search.padded, search.max_scan, search.low,
-                         search.inv_width, search.n_buckets - 1.0, &centroids[0],
-                         &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
+        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
+            tile = scratch + tq_thread_num() * (TQ_TILE + 1) * d
+            row = tile + TQ_TILE * d
+            count = load_tile(x, t * TQ_TILE, tile)
+            tq_hadamard_tile(tile, &signs[0, 0], rounds, d, block, 0)
+            for lane in range(count):
+                i = t * TQ_TILE + lane
+                norm = row_norm(&x[i, 0], d)
+                norms[i] = norm
+                for j in range(d):
+                    row[j] = tile[j * TQ_TILE + lane]
+                quantize_row(row, d, 1.0 / norm if norm > 0.0 else 0.0, bits,
+                             search.start, search.padded, search.max_scan, search.low,
+                             search.inv_width, search.n_buckets - 1.0, &centroids[0],
+                             &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
     finally:
         cell_search_free(&search)
         free(scratch)
