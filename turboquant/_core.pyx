@@ -16,7 +16,7 @@ cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, fabs, sqrt
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -529,8 +529,9 @@ cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t
     break the chain of dependent additions; the result is the same on every run."""
     cdef int width = slot_bits(bits)
     cdef Py_ssize_t stride = (<Py_ssize_t> 1) << width, count = table_slots(d, bits), r
-    cdef Py_ssize_t tail = count - count % 4
+    cdef Py_ssize_t tail = count - count % 4, per_group, groups, g, base
     cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
+    cdef uint64_t word, mask
     if width == 8:
         for r in range(0, tail, 4):
             a0 += table[r * 256 + row[r]]
@@ -540,12 +541,33 @@ cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t
         for r in range(tail, count):
             a0 += table[r * 256 + row[r]]
     else:
-        for r in range(0, tail, 4):
-            a0 += table[r * stride + read_index(row, r, width, row_bytes)]
-            a1 += table[(r + 1) * stride + read_index(row, r + 1, width, row_bytes)]
-            a2 += table[(r + 2) * stride + read_index(row, r + 2, width, row_bytes)]
-            a3 += table[(r + 3) * stride + read_index(row, r + 3, width, row_bytes)]
-        for r in range(tail, count):
+        # Eight indices fill exactly ``bits`` bytes, so slots repeat with that
+        # period: read each group of ``bits`` bytes as one little-endian word
+        # and cut its 4 (3 bits) or 8 slots with fixed shifts.
+        per_group = (8 * bits) // width
+        groups = d // 8
+        mask = (1u << width) - 1u
+        if bits == 3:
+            # The common case spelled out with constant shifts (64-entry pair tables).
+            for g in range(groups):
+                word = row[3 * g] | (<uint64_t> row[3 * g + 1] << 8) | (<uint64_t> row[3 * g + 2] << 16)
+                base = 4 * g * 64
+                a0 += table[base + (word & 63)]
+                a1 += table[base + 64 + ((word >> 6) & 63)]
+                a2 += table[base + 128 + ((word >> 12) & 63)]
+                a3 += table[base + 192 + ((word >> 18) & 63)]
+        else:
+            for g in range(groups):
+                word = 0
+                for r in range(bits):
+                    word |= (<uint64_t> row[g * bits + r]) << (8 * r)
+                base = g * per_group
+                for r in range(0, per_group, 4):
+                    a0 += table[(base + r) * stride + ((word >> (r * width)) & mask)]
+                    a1 += table[(base + r + 1) * stride + ((word >> ((r + 1) * width)) & mask)]
+                    a2 += table[(base + r + 2) * stride + ((word >> ((r + 2) * width)) & mask)]
+                    a3 += table[(base + r + 3) * stride + ((word >> ((r + 3) * width)) & mask)]
+        for r in range(groups * per_group, count):
             a0 += table[r * stride + read_index(row, r, width, row_bytes)]
     return (a0 + a1) + (a2 + a3)
 
