@@ -31,9 +31,10 @@
  * row would: results do not depend on which rows share a tile. */
 #define TQ_TILE 16
 
-static inline void tq_tile_butterflies(double *v, ptrdiff_t length)
+/* Butterfly stages of stride first_h, 2 first_h, ... < length. */
+static inline void tq_tile_stages(double *v, ptrdiff_t length, ptrdiff_t first_h)
 {
-    for (ptrdiff_t h = 1; h < length; h *= 2) {
+    for (ptrdiff_t h = first_h; h < length; h *= 2) {
         for (ptrdiff_t i = 0; i < length; i += 2 * h) {
             for (ptrdiff_t j = i; j < i + h; j++) {
                 double *restrict lo = v + j * TQ_TILE;
@@ -53,7 +54,7 @@ static inline void tq_tile_butterflies(double *v, ptrdiff_t length)
 static inline void tq_tile_fwht(double *v, ptrdiff_t length)
 {
     if (length < 4) {
-        tq_tile_butterflies(v, length);
+        tq_tile_stages(v, length, 1);
         return;
     }
     for (ptrdiff_t i = 0; i < length; i += 4) {
@@ -68,19 +69,7 @@ static inline void tq_tile_fwht(double *v, ptrdiff_t length)
             p3[l] = b - e;
         }
     }
-    for (ptrdiff_t h = 4; h < length; h *= 2) {
-        for (ptrdiff_t i = 0; i < length; i += 2 * h) {
-            for (ptrdiff_t j = i; j < i + h; j++) {
-                double *restrict lo = v + j * TQ_TILE;
-                double *restrict hi = v + (j + h) * TQ_TILE;
-                for (int l = 0; l < TQ_TILE; l++) {
-                    double a = lo[l], b = hi[l];
-                    lo[l] = a + b;
-                    hi[l] = a - b;
-                }
-            }
-        }
-    }
+    tq_tile_stages(v, length, 4);
 }
 
 static inline void tq_tile_scale(double *v, ptrdiff_t coords, double factor)
