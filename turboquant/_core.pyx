@@ -192,11 +192,17 @@ cdef inline double scaled_norm(const floating* row, Py_ssize_t d) noexcept nogil
 cdef inline double row_norm(const floating* row, Py_ssize_t d) noexcept nogil:
     """One pass of squares in double; redone with scaling when the sum leaves
     the safe range of double (only possible for float64 input)."""
-    cdef Py_ssize_t j
-    cdef double acc = 0.0, v
-    for j in range(d):
-        v = row[j]
-        acc += v * v
+    cdef Py_ssize_t j, tail = d - d % 4
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, acc
+    # Four partial sums in a fixed order: no long chain of dependent additions.
+    for j in range(0, tail, 4):
+        a0 += (<double> row[j]) * row[j]
+        a1 += (<double> row[j + 1]) * row[j + 1]
+        a2 += (<double> row[j + 2]) * row[j + 2]
+        a3 += (<double> row[j + 3]) * row[j + 3]
+    for j in range(tail, d):
+        a0 += (<double> row[j]) * row[j]
+    acc = (a0 + a1) + (a2 + a3)
     if acc < 1e300 and acc > 1e-280:
         return sqrt(acc)
     return scaled_norm(row, d)
