@@ -428,10 +428,14 @@ class QuantizedKVCache:
     def attention_weights(self, query, scale=None, *, n_threads=None):
         """``softmax(scale * attention_scores(query))`` over the cached tokens, float64."""
         queries, was_1d = self._queries(query)
-        scale = _check_scale(scale, self.dim)
-        weights = _softmax(self._scores(queries, resolve_n_threads(n_threads)).astype(np.float64) * scale) \
-            if self.num_tokens else np.empty((queries.shape[0], 0))
+        weights = self._weights(queries, _check_scale(scale, self.dim), resolve_n_threads(n_threads))
         return weights[0] if was_1d else weights
+
+    def _weights(self, queries, scale, n_threads):
+        """(m, num_tokens) float64 softmax of the scaled scores."""
+        if not self.num_tokens:
+            return np.empty((queries.shape[0], 0))
+        return _softmax(self._scores(queries, n_threads).astype(np.float64) * scale)
 
     def attention_output(self, query, scale=None, *, n_threads=None):
         """Attention of the query over the cache: ``softmax(scale * scores) @ values``.
@@ -454,7 +458,7 @@ class QuantizedKVCache:
         n_threads = resolve_n_threads(n_threads)
         out = np.zeros((queries.shape[0], self.dim))
         if self.num_tokens:
-            weights = _softmax(self._scores(queries, n_threads).astype(np.float64) * scale)
+            weights = self._weights(queries, scale, n_threads)
             n_sinks, n_quant = len(self._sinks), len(self._quantized)
             if n_sinks:
                 out += weights[:, :n_sinks] @ self._sinks.views()["v"]
