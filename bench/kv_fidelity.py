@@ -61,6 +61,9 @@ def variants(bits):
         ("residual_tokens=32", {"residual_tokens": 32}),
         ("sinks+recent", {"sink_tokens": 1, "residual_tokens": 32}),
         (f"outlier_channels=4 @{min(bits + 1, 8)}b", {"outlier_channels": 4, "outlier_bits": min(bits + 1, 8)}),
+        ("center_keys", {"center_keys": True}),
+        ("center_keys+outliers", {"center_keys": True, "outlier_channels": 4,
+                                  "outlier_bits": min(bits + 1, 8)}),
     ]
     if bits + 1 <= 8 and bits - 1 >= 1:
         out.append((f"asymmetric {bits + 1}/{bits - 1}", {"key_bits": bits + 1, "value_bits": bits - 1}))

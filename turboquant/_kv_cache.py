@@ -67,9 +67,9 @@ class _KeyCodec:
         return TurboQuantMSE(dim, bits, seed=seed, rotation=c.rotation)
 
     def reset(self):
-        """Forget automatically chosen outlier channels (explicit ones stay)."""
+        """Forget the key center and automatically chosen outlier channels (explicit ones stay)."""
         explicit = self.config.outlier_channels
-        self.channels = self.rest = None
+        self.channels = self.rest = self.center = None
         if isinstance(explicit, tuple):
             self._set_channels(np.array(explicit, dtype=np.intp))
 
@@ -88,7 +88,17 @@ class _KeyCodec:
         # Stable order: largest magnitude first, ties to the lower channel.
         return np.sort(np.argsort(-magnitude, kind="stable")[: self.config.num_outlier_channels])
 
-    def encode(self, rows, channels, n_threads):
+    def center_for(self, first_block):
+        """The key center to use, taking it from ``first_block`` if not set yet (None when off)."""
+        if not self.config.center_keys or self.center is not None:
+            return self.center
+        center = np.mean(first_block, axis=0, dtype=np.float64).astype(FULL_PRECISION)
+        center.setflags(write=False)
+        return center
+
+    def encode(self, rows, channels, center, n_threads):
+        if center is not None:
+            rows = rows - center.astype(rows.dtype)
         if self.outlier is None:
             return self._encode_part(self.main, rows, "main.", n_threads)
         rest = np.setdiff1d(np.arange(self.config.dim), channels)
@@ -107,24 +117,34 @@ class _KeyCodec:
         out = np.empty((queries.shape[0], n), dtype=queries.dtype)
         if self.outlier is None:
             self.main._inner_products(_codes_view(self.main, arrays, "main."), queries, out, n_threads)
-            return out
-        self.main._inner_products(_codes_view(self.main, arrays, "main."),
-                                  np.ascontiguousarray(queries[:, self.rest]), out, n_threads)
-        extra = np.empty_like(out)
-        self.outlier._inner_products(_codes_view(self.outlier, arrays, "outlier."),
-                                     np.ascontiguousarray(queries[:, self.channels]), extra, n_threads)
-        out += extra
+        else:
+            self.main._inner_products(_codes_view(self.main, arrays, "main."),
+                                      np.ascontiguousarray(queries[:, self.rest]), out, n_threads)
+            extra = np.empty_like(out)
+            self.outlier._inner_products(_codes_view(self.outlier, arrays, "outlier."),
+                                         np.ascontiguousarray(queries[:, self.channels]), extra, n_threads)
+            out += extra
+        if self.center is not None:
+            out += (queries @ self.center.astype(np.float64)).astype(out.dtype)[:, None]
         return out
 
     def decode(self, arrays, dtype, n_threads):
         main = self.main._dequantize(_codes_view(self.main, arrays, "main."), dtype, n_threads)
         if self.outlier is None:
-            return main
-        out = np.empty((main.shape[0], self.config.dim), dtype=dtype)
-        out[:, self.rest] = main
-        out[:, self.channels] = self.outlier._dequantize(
-            _codes_view(self.outlier, arrays, "outlier."), dtype, n_threads)
+            out = main
+        else:
+            out = np.empty((main.shape[0], self.config.dim), dtype=dtype)
+            out[:, self.rest] = main
+            out[:, self.channels] = self.outlier._dequantize(
+                _codes_view(self.outlier, arrays, "outlier."), dtype, n_threads)
+        if self.center is not None:
+            out += self.center.astype(dtype)
         return out
+
+    @property
+    def nbytes(self):
+        """Bytes of state beside the codes (the key center)."""
+        return 0 if self.center is None else self.center.nbytes
 
     def codes(self, arrays):
         """(main codes, outlier codes or None) over ``arrays``."""
@@ -156,7 +176,7 @@ class _ValueCodec:
 class _PendingAppend:
     """Everything an append will change, computed before anything changes."""
 
-    __slots__ = ("sink_keys", "sink_values", "drop_quantized", "key_arrays", "value_arrays",
+    __slots__ = ("sink_keys", "sink_values", "drop_quantized", "key_arrays", "value_arrays", "center",
                  "drop_recent", "recent_keys", "recent_values", "channels", "added")
 
 
@@ -250,6 +270,11 @@ class QuantizedKVCache:
         return self._values.quantizer
 
     @property
+    def key_center(self):
+        """The float32 key center in use (None until chosen, or when ``center_keys`` is off)."""
+        return self._keys.center
+
+    @property
     def outlier_channels(self):
         """Indices of the outlier key channels in use (None until chosen, or when disabled)."""
         return self._keys.channels
@@ -298,9 +323,10 @@ class QuantizedKVCache:
             # it is quantized, pushed alone or in a block: quantize the float32 rows.
             rest_k = rest_k.astype(FULL_PRECISION).astype(keys.dtype, copy=False)
             rest_v = rest_v.astype(FULL_PRECISION).astype(values.dtype, copy=False)
-        plan.channels = self._keys.channels
-        if plan.channels is None and self._keys.outlier is not None and n:
+        plan.channels, plan.center = self._keys.channels, self._keys.center
+        if n:
             plan.channels = self._keys.channels_for(keys)
+            plan.center = self._keys.center_for(keys)
 
         # Recent window: existing recent rows followed by the new ones; the
         # oldest beyond residual_tokens overflow into the quantized region.
@@ -342,13 +368,15 @@ class QuantizedKVCache:
                 qk = qk.astype(keys.dtype)
             if qv.dtype != values.dtype:
                 qv = qv.astype(values.dtype)
-            plan.key_arrays = self._keys.encode(np.ascontiguousarray(qk), plan.channels, n_threads)
+            plan.key_arrays = self._keys.encode(np.ascontiguousarray(qk), plan.channels, plan.center, n_threads)
             plan.value_arrays = self._values.encode(np.ascontiguousarray(qv), n_threads)
         return plan
 
     def _commit(self, plan):
         if plan.channels is not None and self._keys.channels is None:
             self._keys._set_channels(np.asarray(plan.channels))
+        if plan.center is not None:
+            self._keys.center = plan.center
         self._sinks.append({"k": plan.sink_keys, "v": plan.sink_values})
         self._quantized.drop_front(plan.drop_quantized)
         if plan.key_arrays is not None:
@@ -499,7 +527,7 @@ class QuantizedKVCache:
         c = self.config
         views = self._quantized.views()
         value_bytes = sum(array.nbytes for array in _value_arrays(views).values())
-        key_bytes = sum(array.nbytes for array in views.values()) - value_bytes
+        key_bytes = sum(array.nbytes for array in views.values()) - value_bytes + self._keys.nbytes
         for buffer in (self._sinks, self._recent):
             full = buffer.views()
             key_bytes += full["k"].nbytes
@@ -524,6 +552,8 @@ class QuantizedKVCache:
         extras = "".join(
             f", {name}={getattr(c, name)}" for name in ("max_tokens", "sink_tokens", "residual_tokens")
             if getattr(c, name))
+        if c.center_keys:
+            extras += ", center_keys=True"
         if c.num_outlier_channels:
             extras += f", outlier_channels={c.num_outlier_channels}@{c.outlier_bits}b"
         return (f"QuantizedKVCache(dim={c.dim}, tokens={self.num_tokens}, key={c.key_strategy.value}"

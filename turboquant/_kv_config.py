@@ -4,6 +4,8 @@ import dataclasses
 import enum
 import json
 
+import numpy as np
+
 from ._errors import InvalidParameterError
 from ._rotation import ROTATIONS, SKETCHES
 from ._validation import check_choice, check_int
@@ -84,6 +86,12 @@ class KVCacheConfig:
     rotation : {"dense", "hadamard"}, default="dense"
     sketch : {"gaussian", "hadamard"}, default="gaussian"
         QJL sketch of Prod keys.
+    center_keys : bool, default=False
+        Quantize keys minus a fixed center (the mean key of the first block
+        appended after construction or :meth:`clear`, held as float32) and add
+        ``<q, center>`` back to every score exactly. Softmax ignores a shift
+        shared by all tokens, so this only removes error: decoder keys share a
+        large common component that would otherwise dominate their norms.
     """
 
     dim: int
@@ -98,6 +106,7 @@ class KVCacheConfig:
     outlier_bits: object = None
     rotation: str = "dense"
     sketch: str = "gaussian"
+    center_keys: bool = False
 
     def __post_init__(self):
         def put(name, value):
@@ -118,6 +127,9 @@ class KVCacheConfig:
                 f"max_tokens ({self.max_tokens}) must exceed sink_tokens ({self.sink_tokens})")
         put("rotation", check_choice(self.rotation, "rotation", ROTATIONS))
         put("sketch", check_choice(self.sketch, "sketch", SKETCHES))
+        if not isinstance(self.center_keys, (bool, np.bool_)):
+            raise InvalidParameterError(f"center_keys must be True or False, got {self.center_keys!r}")
+        put("center_keys", bool(self.center_keys))
         put("outlier_channels", self._check_outliers(self.outlier_channels))
         if self.outlier_bits is None:
             put("outlier_bits", min(self.key_bits + 1, 8))
