@@ -21,7 +21,7 @@ def test_readme_python_block_runs(index, capsys):
 
 def test_readme_has_the_two_commands():
     text = README.read_text()
-    assert 'pip install . && python -m turboquant' in text
+    assert 'pip install -e . && python -m turboquant' in text
     assert 'pip install ".[test]" && python -m pytest' in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install ".[test]" && python -m pytest' in ci
