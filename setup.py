@@ -63,11 +63,12 @@ class BuildExtWithOpenMP(build_ext):
     def build_extensions(self):
         flags = _openmp_flags(self.compiler)
         if flags is None:
-            print(
-                "turboquant: OpenMP is not available with this compiler; "
-                "building serial kernels.",
-                file=sys.stderr,
+            reason = (
+                "disabled by TURBOQUANT_NO_OPENMP"
+                if os.environ.get("TURBOQUANT_NO_OPENMP", "") not in ("", "0")
+                else "not available with this compiler"
             )
+            print(f"turboquant: OpenMP is {reason}; building serial kernels.", file=sys.stderr)
             compile_args, link_args = [], []
         else:
             compile_args, link_args = flags
