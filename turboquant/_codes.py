@@ -220,6 +220,7 @@ class Codes:
 
     @property
     def dim(self):
+        """Dimension of the coded vectors."""
         return self.spec.dim
 
     @property

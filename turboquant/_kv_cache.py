@@ -589,14 +589,17 @@ class MultiHeadKVCache:
 
     @property
     def num_query_heads(self):
+        """Number of query heads (a multiple of ``num_heads``)."""
         return self.config.num_query_heads
 
     @property
     def head_dim(self):
+        """Dimension of every head."""
         return self.config.head_config.dim
 
     @property
     def num_tokens(self):
+        """Tokens held (the same in every head)."""
         return self._heads[0].num_tokens
 
     def __len__(self):
@@ -612,6 +615,7 @@ class MultiHeadKVCache:
 
     @property
     def heads(self):
+        """Tuple of the per-KV-head :class:`QuantizedKVCache` objects."""
         return self._heads
 
     def _head_blocks(self, array, name):

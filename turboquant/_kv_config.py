@@ -260,6 +260,7 @@ class CacheStats:
     value_bits_per_channel: float = 0.0
 
     def to_dict(self):
+        """A JSON-ready dict (``key_strategy`` as its string)."""
         data = dataclasses.asdict(self)
         data["key_strategy"] = self.key_strategy.value
         return data

@@ -189,6 +189,7 @@ class TurboQuantMSE(_Quantizer):
 
     @property
     def expected_distortion(self):
+        """``E||x - x_hat||^2`` for unit-norm ``x`` (the codebook's exact distortion, the paper's D_mse)."""
         return self.codebook.distortion
 
     @property
