@@ -123,7 +123,7 @@ class NumpyReferenceProd:
 # The comparison table
 # ---------------------------------------------------------------------------
 
-#: ratio ``reference_time / turboquant_time`` asked for by the issue, by (operation, rotation).
+#: ratio ``reference_time / turboquant_time`` targeted for each (operation, rotation).
 TARGETS = {
     ("MSE quantize", "dense"): 3.0,
     ("MSE quantize", "hadamard"): 10.0,

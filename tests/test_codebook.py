@@ -91,7 +91,7 @@ def reference_distortion(codebook, panels=200, nodes=20):
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize(
     "bits, expected",
-    # Four significant digits; the task brief quoted 0.0340 and 0.00931 (three).
+    # Four significant digits (0.0340 and 0.00931 are often quoted with three).
     [(1, 0.3609), (2, 0.1160), (3, 0.03397), (4, 0.009315)],
 )
 def test_distortion_at_dim_128(bits, expected):
