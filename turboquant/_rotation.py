@@ -62,16 +62,16 @@ class _MatrixTransform:
         return self._matrix32 if dtype == np.float32 else self.matrix
 
     def apply(self, x, n_threads):
-        """Rows of ``x`` multiplied by the matrix (``x @ M.T``), C-contiguous."""
+        """Rows of ``x`` multiplied by the matrix (``x @ M.T``), C-contiguous.
+
+        BLAS sizes its own thread team; ``n_threads`` is accepted so that every
+        transform has the same interface."""
         return np.ascontiguousarray(x @ self._for(x.dtype).T)
 
     def apply_transpose(self, y, n_threads):
         """Rows of ``y`` multiplied by the transpose (``y @ M``), C-contiguous."""
         return np.ascontiguousarray(y @ self._for(y.dtype))
 
-    @property
-    def nbytes(self):
-        return self.matrix.nbytes + self._matrix32.nbytes
 
 
 class DenseRotation(_MatrixTransform):
@@ -138,10 +138,6 @@ class HadamardRotation:
         """The rotation as a dense (dim, dim) float64 matrix (for tests and inspection)."""
         eye = np.eye(self.dim)
         return self.apply(eye, 1).T
-
-    @property
-    def nbytes(self):
-        return self.signs.nbytes
 
 
 # Transforms are immutable, so live quantizers with the same parameters share
