@@ -52,6 +52,7 @@ if any(name.startswith("_core.") for name in os.listdir(os.path.join(ROOT, "turb
 
 import turboquant as tq  # noqa: E402
 from kv_reference import NumpyKVCacheReference, NumpyMultiHeadReference  # noqa: E402
+from reference import blas_core, cpu_model, load_average  # noqa: E402
 
 DIM = 128
 BITS = 4
@@ -324,13 +325,6 @@ def _rate(value):
     return f"{value:.0f}"
 
 
-def load_average():
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 LOAD_AT_START = load_average()
 
 
@@ -341,12 +335,8 @@ def environment(load_at_start):
              f"default n_threads {tq.resolve_n_threads()}), numpy {np.__version__}, "
              f"Python {platform.python_version()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')};"]
-    try:
-        from reference import blas_core, cpu_model
-        library, kernel = blas_core()
-        lines += [f"CPU: {cpu_model()};", f"numpy BLAS: {library}; kernel: {kernel};"]
-    except Exception:  # the shared helpers are optional here
-        pass
+    library, kernel = blas_core()
+    lines += [f"CPU: {cpu_model()};", f"numpy BLAS: {library}; kernel: {kernel};"]
     end = load_average()
     if end is not None:
         lines.append(f"1-minute load average {load_at_start:.2f} at start, {end:.2f} at end "

@@ -25,11 +25,10 @@ from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHea
 from ._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
 from ._threads import resolve_n_threads
-from ._validation import as_rows
+from ._validation import FLOAT32_MAX, as_rows
 
 FULL_PRECISION = np.float32
 VALUE_PREFIX = "value."
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _layout_of(quantizer, prefix):
@@ -362,14 +361,11 @@ class QuantizedKVCache:
 
         plan.key_arrays = plan.value_arrays = None
         if overflow - drop_overflow > 0:
-            qk = np.ascontiguousarray(np.concatenate(to_quantize_k)) if len(to_quantize_k) > 1 else to_quantize_k[0]
-            qv = np.ascontiguousarray(np.concatenate(to_quantize_v)) if len(to_quantize_v) > 1 else to_quantize_v[0]
-            if qk.dtype != keys.dtype:
-                qk = qk.astype(keys.dtype)
-            if qv.dtype != values.dtype:
-                qv = qv.astype(values.dtype)
-            plan.key_arrays = self._keys.encode(np.ascontiguousarray(qk), plan.channels, plan.center, n_threads)
-            plan.value_arrays = self._values.encode(np.ascontiguousarray(qv), n_threads)
+            # Rows from the float32 window and from the new block, in the block's dtype.
+            qk = np.ascontiguousarray(np.concatenate(to_quantize_k), dtype=keys.dtype)
+            qv = np.ascontiguousarray(np.concatenate(to_quantize_v), dtype=values.dtype)
+            plan.key_arrays = self._keys.encode(qk, plan.channels, plan.center, n_threads)
+            plan.value_arrays = self._values.encode(qv, n_threads)
         return plan
 
     def _commit(self, plan):

@@ -14,11 +14,10 @@ from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 from ._errors import InvalidParameterError, NonFiniteError
 from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
 from ._threads import resolve_n_threads
-from ._validation import FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
+from ._validation import FLOAT32_MAX, FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
 
 SIGN_CENTROIDS = np.array([-1.0, 1.0])
 SIGN_BOUNDARIES = np.array([0.0])
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 for _array in (SIGN_CENTROIDS, SIGN_BOUNDARIES):
     _array.setflags(write=False)

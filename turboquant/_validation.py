@@ -12,6 +12,7 @@ import numpy as np
 from ._errors import DTypeError, InvalidParameterError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_int(value, name, *, low=None, high=None):
