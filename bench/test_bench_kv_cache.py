@@ -329,7 +329,7 @@ LOAD_AT_START = load_average()
 
 
 def environment(load_at_start):
-    """Versions, threads, CPU and BLAS (the last two from ``reference.py`` when it has them), machine load."""
+    """Versions, threads, CPU and BLAS (from ``reference.py``), machine load."""
     config = tq.show_config(file=io.StringIO())
     lines = [f"turboquant {config['version']} (OpenMP {'on' if config['openmp'] else 'off'}, "
              f"default n_threads {tq.resolve_n_threads()}), numpy {np.__version__}, "
