@@ -57,8 +57,13 @@ def lut_weighted_sum(
     codes: _U8,
     bits: int,
     centroids: _F64,
-    weights: _F64,
+    weights: _Float,
     scales: _F64,
     out: _F64,
     n_threads: int,
 ) -> None: ...
+
+SMALL_CODE_PATHS: tuple[str, ...]
+
+def small_code_path() -> str: ...
+def limit_small_code_path(name: str) -> None: ...

@@ -25,6 +25,19 @@ cdef extern from "tq_hadamard.h" nogil:
     void tq_hadamard_tile(double* v, const double* signs, Py_ssize_t rounds, Py_ssize_t d,
                           Py_ssize_t block, int inverse)
 
+cdef extern from "tq_lut.h" nogil:
+    enum:
+        TQ_LUT_MAX_BITS
+        TQ_LUT_MAX_QUERIES
+    void tq_lut_set_max_level(int level)
+    const char* tq_lut_path()
+    void tq_lut_scores(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
+                       const float* centroids, const float* queries, Py_ssize_t m, Py_ssize_t d,
+                       const double* scales, float* out, Py_ssize_t out_stride, int accumulate)
+    void tq_lut_weighted_sum(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
+                             const float* centroids, const float* weights, const double* scales,
+                             Py_ssize_t d, float* acc)
+
 cdef extern from "tq_openmp.h" nogil:
     int tq_openmp_enabled()
     int tq_max_threads()
@@ -578,15 +591,58 @@ cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t
     return (a0 + a1) + (a2 + a3)
 
 
+# Rows per call of the float32 small-code kernels (and per parallel work item).
+DEF SMALL_CODE_ROWS = 256
+# The small-code kernels read about a code byte per nanosecond per thread: below
+# this many bytes (m queries x n rows x row bytes) waking a second thread costs
+# more than it saves.
+DEF MIN_PARALLEL_CODE_BYTES = 1 << 19
+
+
+cdef inline int threads_for_codes(Py_ssize_t code_bytes, Py_ssize_t n_threads) noexcept nogil:
+    return 1 if code_bytes < MIN_PARALLEL_CODE_BYTES else <int> n_threads
+
+
+cdef inline void centroids_f32(const double[::1] centroids, int bits, float* out) noexcept nogil:
+    cdef int k
+    for k in range(1 << bits):
+        out[k] = <float> centroids[k]
+
+
+cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
+                            const float[:, ::1] queries, const double[::1] scales,
+                            float[:, ::1] out, bint accumulate, int n_threads) noexcept nogil:
+    """float32 scores of codes with at most TQ_LUT_MAX_BITS bits (include/tq_lut.h):
+    rows in chunks of SMALL_CODE_ROWS, up to TQ_LUT_MAX_QUERIES queries per pass."""
+    cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
+    cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
+    cdef Py_ssize_t n_chunks = (n + SMALL_CODE_ROWS - 1) // SMALL_CODE_ROWS, c, start, q0
+    cdef float cents[16]
+    centroids_f32(centroids, bits, cents)
+    for c in prange(n_chunks, num_threads=threads_for_codes(n * m * row_bytes, min(<Py_ssize_t> n_threads, n_chunks)),
+                    schedule="static"):
+        start = c * SMALL_CODE_ROWS
+        q0 = 0
+        while q0 < m:
+            tq_lut_scores(&codes[start, 0], min(<Py_ssize_t> SMALL_CODE_ROWS, n - start), row_bytes, bits,
+                          cents, &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
+                          &scales[start], &out[q0, start], n, accumulate)
+            q0 = q0 + TQ_LUT_MAX_QUERIES
+
+
 def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
                        const floating[:, ::1] queries, const double[::1] scales,
                        floating[:, ::1] out, bint accumulate, int n_threads):
     """Inner products of queries with packed codes, without dequantizing.
 
     ``out[q, i] (+)= scales[i] * sum_j queries[q, j] * centroids[index(i, j)]``.
-    The table is indexed by whole bytes for 1, 2, 4 and 8 bits, by pairs of
-    indices for 3 bits and by single indices for 5, 6 and 7 bits. Sums are accumulated in double in a
-    fixed order, so results do not depend on the thread count.
+
+    float32 queries with 1 to 4 bits are scored in float32 by the vectorized
+    decoder of ``include/tq_lut.h`` (centroids rounded to float32). Otherwise
+    a lookup table per query is indexed by whole bytes for 1, 2, 4 and 8 bits,
+    by pairs of indices for 3 bits and by single indices for 5, 6 and 7 bits,
+    and sums are accumulated in double. Either way the order of the additions
+    is fixed, so results do not depend on the thread count.
 
     Parameters
     ----------
@@ -608,6 +664,10 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
     cdef double* tables
     if n == 0 or m == 0:
         return
+    if floating is float:
+        if bits <= TQ_LUT_MAX_BITS:
+            small_code_scores(codes, bits, centroids, queries, scales, out, accumulate, n_threads)
+            return
     tables = <double*> malloc(block * table_size * sizeof(double))
     if tables == NULL:
         raise MemoryError()
@@ -645,7 +705,7 @@ cdef inline bint use_histogram(int bits, Py_ssize_t tokens, Py_ssize_t d,
 
 
 cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
-                                  const double* centroids, const double[:, ::1] weights,
+                                  const double* centroids, const floating[:, ::1] weights,
                                   const double[::1] scales, Py_ssize_t q_start, Py_ssize_t q_count,
                                   Py_ssize_t start, Py_ssize_t stop, Py_ssize_t d,
                                   double* histogram, double* partial) noexcept nogil:
@@ -690,8 +750,34 @@ cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
                     acc[j] += w * centroids[read_index(row, j, bits, row_bytes)]
 
 
+cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
+                                  const float[:, ::1] weights, const double[::1] scales,
+                                  double[:, ::1] out, float* partial, Py_ssize_t chunk,
+                                  int team) noexcept nogil:
+    """float32 weighted sums of codes with at most TQ_LUT_MAX_BITS bits
+    (include/tq_lut.h): float32 partial sums per chunk of ``chunk`` rows, added
+    into ``out`` in double, in chunk order."""
+    cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
+    cdef Py_ssize_t row_bytes = codes.shape[1], n_chunks = (n + chunk - 1) // chunk
+    cdef Py_ssize_t c, q, j, start
+    cdef float* acc
+    cdef float cents[16]
+    centroids_f32(centroids, bits, cents)
+    for c in prange(n_chunks, num_threads=team, schedule="static"):
+        start = c * chunk
+        for q in range(m):
+            acc = partial + (c * m + q) * d
+            memset(acc, 0, d * sizeof(float))
+            tq_lut_weighted_sum(&codes[start, 0], min(chunk, n - start), row_bytes, bits, cents,
+                                &weights[q, start], &scales[start], d, acc)
+    for c in range(n_chunks):
+        for q in range(m):
+            for j in range(d):
+                out[q, j] += partial[(c * m + q) * d + j]
+
+
 def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
-                     const double[:, ::1] weights, const double[::1] scales,
+                     const floating[:, ::1] weights, const double[::1] scales,
                      double[:, ::1] out, int n_threads):
     """Weighted sums of dequantized codes without materialising them.
 
@@ -700,12 +786,17 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     depends only on ``n``; chunk partial sums are added in chunk order, so the
     result is identical for every thread count.
 
+    float32 weights with 1 to 4 bits are summed in float32 within chunks of at
+    most a few thousand tokens by the vectorized decoder of ``include/tq_lut.h``
+    (centroids rounded to float32), and the chunks in double. Otherwise
+    everything is accumulated in double.
+
     Parameters
     ----------
     codes : (n, ceil(d*bits/8)) uint8
     bits : int in 1..8
     centroids : (2**bits,) float64
-    weights : (m, n) float64
+    weights : (m, n) float32 or float64
     scales : (n,) float64
     out : (m, d) float64, written
     n_threads : int >= 1
@@ -716,9 +807,25 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     cdef Py_ssize_t n_chunks, c, q0, qn, q, j, team
     cdef double* histograms
     cdef double* partial
+    cdef float* partial32
     out[:, :] = 0.0
     if n == 0 or m == 0:
         return
+    if floating is float:
+        if bits <= TQ_LUT_MAX_BITS:
+            chunk = 512
+            while (n + chunk - 1) // chunk > 256:
+                chunk *= 2
+            n_chunks = (n + chunk - 1) // chunk
+            partial32 = <float*> malloc(n_chunks * m * d * sizeof(float))
+            if partial32 == NULL:
+                raise MemoryError()
+            team = threads_for_codes(n * m * row_bytes, min(n_threads, n_chunks))
+            with nogil:
+                small_code_weighted_sum(codes, bits, centroids, weights, scales, out, partial32,
+                                        chunk, team)
+            free(partial32)
+            return
     while (n + chunk - 1) // chunk > 256:
         chunk *= 2
     n_chunks = (n + chunk - 1) // chunk
@@ -747,3 +854,16 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     finally:
         free(histograms)
         free(partial)
+
+
+SMALL_CODE_PATHS = ("portable", "avx2", "avx512")
+
+
+def small_code_path():
+    """Name of the float32 small-code path in use: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
+    return tq_lut_path().decode()
+
+
+def limit_small_code_path(str name):
+    """Use at most the named float32 small-code path (``"avx512"`` allows all); for tests."""
+    tq_lut_set_max_level(SMALL_CODE_PATHS.index(name))

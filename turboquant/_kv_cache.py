@@ -44,6 +44,23 @@ def _codes_view(quantizer, arrays, prefix):
     return quantizer.codes_type(quantizer.spec, {name: arrays[prefix + name] for name in names})
 
 
+class _DerivedViews:
+    """What a codec derives from a buffer's views dict, kept while that dict is
+    the buffer's current one (:meth:`RowBuffer.views` returns the same dict
+    until the rows change)."""
+
+    __slots__ = ("source", "value")
+
+    def __init__(self):
+        self.source = self.value = None
+
+    def get(self, views, derive):
+        if views is not self.source:
+            self.value = derive(views)
+            self.source = views
+        return self.value
+
+
 class _KeyCodec:
     """Key quantization: one quantizer over all channels, or a main quantizer plus
     a second one, with more bits, for the outlier channels."""
@@ -57,6 +74,7 @@ class _KeyCodec:
         self.layout = _layout_of(self.main, "main.")
         if self.outlier is not None:
             self.layout.update(_layout_of(self.outlier, "outlier."))
+        self._views = _DerivedViews()
         self.reset()
 
     def _quantizer(self, dim, bits, seed):
@@ -112,30 +130,29 @@ class _KeyCodec:
         return {prefix + name: array for name, array in codes._arrays.items()}
 
     def scores(self, arrays, queries, n_threads):
-        n = len(next(iter(arrays.values())))
-        out = np.empty((queries.shape[0], n), dtype=queries.dtype)
-        if self.outlier is None:
-            self.main._inner_products(_codes_view(self.main, arrays, "main."), queries, out, n_threads)
+        main, outlier = self.codes(arrays)
+        out = np.empty((queries.shape[0], len(main)), dtype=queries.dtype)
+        if outlier is None:
+            self.main._inner_products(main, queries, out, n_threads)
         else:
-            self.main._inner_products(_codes_view(self.main, arrays, "main."),
-                                      np.ascontiguousarray(queries[:, self.rest]), out, n_threads)
+            self.main._inner_products(main, np.ascontiguousarray(queries[:, self.rest]), out, n_threads)
             extra = np.empty_like(out)
-            self.outlier._inner_products(_codes_view(self.outlier, arrays, "outlier."),
-                                         np.ascontiguousarray(queries[:, self.channels]), extra, n_threads)
+            self.outlier._inner_products(outlier, np.ascontiguousarray(queries[:, self.channels]),
+                                         extra, n_threads)
             out += extra
         if self.center is not None:
             out += (queries @ self.center.astype(np.float64)).astype(out.dtype)[:, None]
         return out
 
     def decode(self, arrays, dtype, n_threads):
-        main = self.main._dequantize(_codes_view(self.main, arrays, "main."), dtype, n_threads)
-        if self.outlier is None:
+        main_codes, outlier_codes = self.codes(arrays)
+        main = self.main._dequantize(main_codes, dtype, n_threads)
+        if outlier_codes is None:
             out = main
         else:
             out = np.empty((main.shape[0], self.config.dim), dtype=dtype)
             out[:, self.rest] = main
-            out[:, self.channels] = self.outlier._dequantize(
-                _codes_view(self.outlier, arrays, "outlier."), dtype, n_threads)
+            out[:, self.channels] = self.outlier._dequantize(outlier_codes, dtype, n_threads)
         if self.center is not None:
             out += self.center.astype(dtype)
         return out
@@ -146,9 +163,10 @@ class _KeyCodec:
         return 0 if self.center is None else self.center.nbytes
 
     def codes(self, arrays):
-        """(main codes, outlier codes or None) over ``arrays``."""
-        main = _codes_view(self.main, arrays, "main.")
-        return main, (None if self.outlier is None else _codes_view(self.outlier, arrays, "outlier."))
+        """(main codes, outlier codes or None) over the quantized region's ``arrays``."""
+        return self._views.get(arrays, lambda views: (
+            _codes_view(self.main, views, "main."),
+            None if self.outlier is None else _codes_view(self.outlier, views, "outlier.")))
 
 
 class _ValueCodec:
@@ -157,19 +175,22 @@ class _ValueCodec:
     def __init__(self, config):
         self.quantizer = TurboQuantMSE(config.dim, config.value_bits, seed=config.seed + 2,
                                        rotation=config.rotation)
-        self.layout = _layout_of(self.quantizer, "")
+        self.layout = _value_prefixed(_layout_of(self.quantizer, ""))
+        self._views = _DerivedViews()
 
     def encode(self, rows, n_threads):
-        return dict(self.quantizer._quantize_rows(rows, n_threads)._arrays)
+        return _value_prefixed(self.quantizer._quantize_rows(rows, n_threads)._arrays)
 
     def decode(self, arrays, dtype, n_threads):
         return self.quantizer._dequantize(self.codes(arrays), dtype, n_threads)
 
     def weighted_sum(self, arrays, weights, n_threads):
-        return self.quantizer.weighted_sum_rows(arrays["indices"], arrays["norms"], weights, n_threads)
+        codes = self.codes(arrays)
+        return self.quantizer.weighted_sum_rows(codes.indices, codes.norms, weights, n_threads)
 
     def codes(self, arrays):
-        return _codes_view(self.quantizer, arrays, "")
+        """Value codes over the quantized region's ``arrays``."""
+        return self._views.get(arrays, lambda views: _codes_view(self.quantizer, views, VALUE_PREFIX))
 
 
 class _PendingAppend:
@@ -190,7 +211,8 @@ def _value_arrays(views):
 
 
 def _softmax(logits):
-    logits = logits - logits.max(axis=1, keepdims=True)
+    """Row softmax of a float array, in place."""
+    logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
     return logits
@@ -232,7 +254,7 @@ class QuantizedKVCache:
         full = {"k": (FULL_PRECISION, (config.dim,)), "v": (FULL_PRECISION, (config.dim,))}
         self._sinks = RowBuffer(full)
         self._recent = RowBuffer(full)
-        self._quantized = RowBuffer({**self._keys.layout, **_value_prefixed(self._values.layout)})
+        self._quantized = RowBuffer({**self._keys.layout, **self._values.layout})
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -285,7 +307,7 @@ class QuantizedKVCache:
         """
         views = self._quantized.views()
         main, outlier = self._keys.codes(views)
-        return main, outlier, self._values.codes(_value_arrays(views))
+        return main, outlier, self._values.codes(views)
 
     # -- writing -------------------------------------------------------------------
     def _rows(self, array, name):
@@ -376,7 +398,7 @@ class QuantizedKVCache:
         self._sinks.append({"k": plan.sink_keys, "v": plan.sink_values})
         self._quantized.drop_front(plan.drop_quantized)
         if plan.key_arrays is not None:
-            self._quantized.append({**plan.key_arrays, **_value_prefixed(plan.value_arrays)})
+            self._quantized.append({**plan.key_arrays, **plan.value_arrays})
         self._recent.drop_front(plan.drop_recent)
         self._recent.append({"k": plan.recent_keys, "v": plan.recent_values})
 
@@ -450,16 +472,22 @@ class QuantizedKVCache:
         return scores[0] if was_1d else scores
 
     def attention_weights(self, query, scale=None, *, n_threads=None):
-        """``softmax(scale * attention_scores(query))`` over the cached tokens, float64."""
+        """``softmax(scale * attention_scores(query))`` over the cached tokens.
+
+        In the query's float dtype, shape (num_tokens,) or (m, num_tokens); the
+        weights of every query sum to 1.
+        """
         queries, was_1d = self._queries(query)
         weights = self._weights(queries, _check_scale(scale, self.dim), resolve_n_threads(n_threads))
         return weights[0] if was_1d else weights
 
     def _weights(self, queries, scale, n_threads):
-        """(m, num_tokens) float64 softmax of the scaled scores."""
+        """(m, num_tokens) softmax of the scaled scores, in the queries' dtype."""
         if not self.num_tokens:
-            return np.empty((queries.shape[0], 0))
-        return _softmax(self._scores(queries, n_threads).astype(np.float64) * scale)
+            return np.empty((queries.shape[0], 0), dtype=queries.dtype)
+        scores = self._scores(queries, n_threads)
+        scores *= scale
+        return _softmax(scores)
 
     def attention_output(self, query, scale=None, *, n_threads=None):
         """Attention of the query over the cache: ``softmax(scale * scores) @ values``.
@@ -480,16 +508,20 @@ class QuantizedKVCache:
         queries, was_1d = self._queries(query)
         scale = _check_scale(scale, self.dim)
         n_threads = resolve_n_threads(n_threads)
-        out = np.zeros((queries.shape[0], self.dim))
-        if self.num_tokens:
+        n_sinks, n_quant, n_recent = len(self._sinks), len(self._quantized), len(self._recent)
+        if n_sinks + n_quant + n_recent == 0:
+            out = np.zeros((queries.shape[0], self.dim))
+        else:
             weights = self._weights(queries, scale, n_threads)
-            n_sinks, n_quant = len(self._sinks), len(self._quantized)
+            if n_quant:
+                block = weights if n_quant == weights.shape[1] else np.ascontiguousarray(
+                    weights[:, n_sinks:n_sinks + n_quant])
+                out = self._values.weighted_sum(self._quantized.views(), block, n_threads)
+            else:
+                out = np.zeros((queries.shape[0], self.dim))
             if n_sinks:
                 out += weights[:, :n_sinks] @ self._sinks.views()["v"]
-            if n_quant:
-                block = np.ascontiguousarray(weights[:, n_sinks:n_sinks + n_quant])
-                out += self._values.weighted_sum(_value_arrays(self._quantized.views()), block, n_threads)
-            if len(self._recent):
+            if n_recent:
                 out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
         out = out.astype(queries.dtype, copy=False)
         return out[0] if was_1d else out
@@ -505,7 +537,7 @@ class QuantizedKVCache:
             if which == "k":
                 parts.append(self._keys.decode(views, dtype, n_threads))
             else:
-                parts.append(self._values.decode(_value_arrays(views), dtype, n_threads))
+                parts.append(self._values.decode(views, dtype, n_threads))
         parts.append(self._recent.views()[which].astype(dtype))
         return np.concatenate(parts, axis=0)
 

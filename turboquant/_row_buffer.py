@@ -21,6 +21,8 @@ class RowBuffer:
     Rows are only ever written once, into free capacity past the live rows;
     growth reallocates. Views returned by :meth:`views` therefore keep showing
     the rows they showed when taken, whatever is appended or dropped later.
+    :meth:`views` returns the same dict until the rows change, so readers may
+    cache what they derive from it by its identity.
     """
 
     def __init__(self, layout):
@@ -32,6 +34,7 @@ class RowBuffer:
         self._arrays = self._allocate(0)
         self._start = 0
         self._stop = 0
+        self._views = None
 
     def _allocate(self, capacity):
         return {name: np.empty((capacity,) + shape, dtype=dtype)
@@ -58,19 +61,24 @@ class RowBuffer:
         for name, array in self._arrays.items():
             array[self._stop:self._stop + count] = rows[name]
         self._stop += count
+        self._views = None
 
     def drop_front(self, count):
         """Forget the ``count`` oldest rows (``0 <= count <= len(self)``)."""
-        self._start += count
+        if count:
+            self._start += count
+            self._views = None
 
     def views(self):
-        """Read-only views of the live rows, ``{name: ndarray}``."""
-        out = {}
-        for name, array in self._arrays.items():
-            view = array[self._start:self._stop]
-            view.setflags(write=False)
-            out[name] = view
-        return out
+        """Read-only views of the live rows, ``{name: ndarray}`` (do not modify the dict)."""
+        if self._views is None:
+            out = {}
+            for name, array in self._arrays.items():
+                view = array[self._start:self._stop]
+                view.setflags(write=False)
+                out[name] = view
+            self._views = out
+        return self._views
 
     @property
     def nbytes(self):

@@ -1,0 +1,611 @@
+/* Float32 scoring and weighted sums straight from packed codes of 1 to 4 bits.
+ *
+ * A code row holds `d` indices of `bits` bits as a little-endian bit stream,
+ * so eight consecutive indices fill exactly `bits` bytes (a "group"). With at
+ * most 16 centroids the whole codebook fits in two 8-float registers: the x86
+ * path broadcasts a group's 32-bit word, shifts lane k right by k*bits and
+ * looks the centroids up with a lane permute (a blend on the index's top bit
+ * for 4 bits), so eight coordinates are decoded with a handful of
+ * instructions and no table in memory. Coordinates past the last whole group
+ * are done one by one.
+ *
+ *   tq_lut_scores:       out[q, i] (+)= scales[i] * sum_j queries[q, j] * c[idx(i, j)]
+ *   tq_lut_weighted_sum: acc[j]    +=  sum_i weights[i] * scales[i] * c[idx(i, j)]
+ *
+ * Both accumulate in float32 in a fixed order: a given build on a given
+ * machine returns the same bits for the same inputs whatever the thread count
+ * or chunking of the caller (chunks are whole rows). The AVX2+FMA path and the
+ * AVX-512 and portable paths round differently (FMA, partial sums);
+ * tq_lut_set_max_level caps the path so tests can compare them.
+ */
+#ifndef TQ_LUT_H
+#define TQ_LUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* CALL(k) with the literal k equal to `value` (1, 2, 3, or 4 for anything
+ * else), so that an always_inline body is specialised for each k. */
+#define TQ_LUT_DISPATCH4(value, CALL)                                             \
+    switch (value) {                                                              \
+    case 1: CALL(1); break;                                                       \
+    case 2: CALL(2); break;                                                       \
+    case 3: CALL(3); break;                                                       \
+    default: CALL(4); break;                                                      \
+    }
+
+#define TQ_LUT_MAX_BITS 4
+/* Queries scored together per pass over the codes (the decode is shared). */
+#define TQ_LUT_MAX_QUERIES 4
+
+/* Highest path allowed: 2 AVX-512, 1 AVX2 + FMA, 0 portable (lowered by tests). */
+static int tq_lut_max_level = 2;
+
+static inline void tq_lut_set_max_level(int level) { tq_lut_max_level = level; }
+
+/* Index j of a packed row (the bytes past the row's end are never read). */
+static inline uint32_t tq_lut_index(const uint8_t *row, ptrdiff_t j, int bits, ptrdiff_t row_bytes)
+{
+    ptrdiff_t bit = j * bits, byte = bit >> 3;
+    int shift = (int)(bit & 7);
+    uint32_t word = row[byte];
+    if (shift + bits > 8 && byte + 1 < row_bytes)
+        word |= (uint32_t)row[byte + 1] << 8;
+    return (word >> shift) & ((1u << bits) - 1u);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Portable path                                                             */
+/* ------------------------------------------------------------------------ */
+
+static void tq_lut_scores_portable(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes, int bits,
+                                   const float *centroids, const float *queries, ptrdiff_t m,
+                                   ptrdiff_t d, const double *scales, float *out,
+                                   ptrdiff_t out_stride, int accumulate)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        for (ptrdiff_t q = 0; q < m; q++) {
+            const float *query = queries + q * d;
+            float acc = 0.0f;
+            for (ptrdiff_t j = 0; j < d; j++)
+                acc += query[j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+            float value = (float)(scales[i] * (double)acc);
+            float *dst = out + q * out_stride + i;
+            *dst = accumulate ? *dst + value : value;
+        }
+    }
+}
+
+static void tq_lut_weighted_sum_portable(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                         int bits, const float *centroids, const float *weights,
+                                         const double *scales, ptrdiff_t d, float *acc)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        const float w = (float)((double)weights[i] * scales[i]);
+        for (ptrdiff_t j = 0; j < d; j++)
+            acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX2 + FMA path (GCC and clang on x86-64, chosen at run time)             */
+/* ------------------------------------------------------------------------ */
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define TQ_LUT_X86 1
+#include <immintrin.h>
+
+#define TQ_AVX2 __attribute__((target("avx2,fma")))
+#define TQ_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
+
+/* Decoder state of one codebook: both halves of the 16 centroids and the
+ * per-lane shifts. */
+typedef struct {
+    __m256 low, high;
+    __m256i shift, top_shift, mask;
+} tq_lut_decoder;
+
+TQ_AVX2_INLINE tq_lut_decoder tq_lut_decoder_make(const float *centroids, const int bits)
+{
+    tq_lut_decoder dec;
+    float padded[16] = {0};
+    memcpy(padded, centroids, sizeof(float) * ((size_t)1 << bits));
+    dec.low = _mm256_loadu_ps(padded);
+    dec.high = _mm256_loadu_ps(padded + 8);
+    dec.shift = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    dec.top_shift = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    dec.mask = _mm256_set1_epi32((1 << bits) - 1);
+    return dec;
+}
+
+/* Centroids of the eight indices held in the low 8*bits bits of `word`
+ * (a dword in every lane). */
+TQ_AVX2_INLINE __m256 tq_lut_decode(const tq_lut_decoder *dec, __m256i all, const int bits)
+{
+    __m256i idx = _mm256_srlv_epi32(all, dec->shift);
+    if (bits < 3)
+        idx = _mm256_and_si256(idx, dec->mask);
+    __m256 value = _mm256_permutevar8x32_ps(dec->low, idx);
+    if (bits == 4) {
+        /* Bit 3 of index k moved to the sign bit selects the upper half. */
+        __m256i top = _mm256_sllv_epi32(all, dec->top_shift);
+        value = _mm256_blendv_ps(value, _mm256_permutevar8x32_ps(dec->high, idx),
+                                 _mm256_castsi256_ps(top));
+    }
+    return value;
+}
+
+/* The dword at p, or its first `bits` bytes when fewer than four are left in
+ * the row (the last groups of a row). */
+static inline uint32_t tq_lut_short_dword(const uint8_t *p, const int bits)
+{
+    uint32_t word = 0;
+    for (int r = 0; r < bits; r++)
+        word |= (uint32_t)p[r] << (8 * r);
+    return word;
+}
+
+/* The dword starting at group g in every lane; a broadcast straight from memory
+ * costs no shuffle. */
+TQ_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, const int bits,
+                                         ptrdiff_t fast_groups)
+{
+    const uint8_t *p = row + g * bits;
+    if (g < fast_groups)
+        return _mm256_broadcastd_epi32(_mm_loadu_si32(p));
+    return _mm256_set1_epi32((int)tq_lut_short_dword(p, bits));
+}
+
+TQ_AVX2_INLINE float tq_lut_hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TQ_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                            const int bits, const float *centroids,
+                                            const float *queries, const int m, ptrdiff_t d,
+                                            const double *scales, float *out,
+                                            ptrdiff_t out_stride, int accumulate)
+{
+    const tq_lut_decoder dec = tq_lut_decoder_make(centroids, bits);
+    const ptrdiff_t groups = d / 8, pairs = groups / 2;
+    const ptrdiff_t fast_groups = row_bytes >= 4 ? (row_bytes - 4) / bits + 1 : 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        __m256 even[TQ_LUT_MAX_QUERIES], odd[TQ_LUT_MAX_QUERIES];
+        for (int q = 0; q < m; q++)
+            even[q] = odd[q] = _mm256_setzero_ps();
+        /* Two accumulators per query: the FMA chains of even and odd groups overlap. */
+        for (ptrdiff_t p = 0; p < pairs; p++) {
+            __m256 a = tq_lut_decode(&dec, tq_lut_group_word(row, 2 * p, bits, fast_groups), bits);
+            __m256 b = tq_lut_decode(&dec, tq_lut_group_word(row, 2 * p + 1, bits, fast_groups), bits);
+            for (int q = 0; q < m; q++) {
+                even[q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(queries + q * d + 16 * p), even[q]);
+                odd[q] = _mm256_fmadd_ps(b, _mm256_loadu_ps(queries + q * d + 16 * p + 8), odd[q]);
+            }
+        }
+        if (groups & 1) {
+            __m256 a = tq_lut_decode(&dec, tq_lut_group_word(row, groups - 1, bits, fast_groups), bits);
+            for (int q = 0; q < m; q++)
+                even[q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(queries + q * d + 8 * (groups - 1)), even[q]);
+        }
+        for (int q = 0; q < m; q++) {
+            float acc = tq_lut_hsum(_mm256_add_ps(even[q], odd[q]));
+            for (ptrdiff_t j = 8 * groups; j < d; j++)
+                acc += queries[q * d + j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+            float value = (float)(scales[i] * (double)acc);
+            float *dst = out + q * out_stride + i;
+            *dst = accumulate ? *dst + value : value;
+        }
+    }
+}
+
+/* Specialized on the number of queries so the accumulators stay in registers. */
+TQ_AVX2_INLINE void tq_lut_scores_avx2_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                            const int bits, const float *centroids,
+                                            const float *queries, ptrdiff_t m, ptrdiff_t d,
+                                            const double *scales, float *out,
+                                            ptrdiff_t out_stride, int accumulate)
+{
+#define TQ_AVX2_SCORES_FOR(K) tq_lut_scores_avx2_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate)
+    TQ_LUT_DISPATCH4(m, TQ_AVX2_SCORES_FOR)
+#undef TQ_AVX2_SCORES_FOR
+}
+
+TQ_AVX2 static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                       int bits, const float *centroids, const float *queries,
+                                       ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
+                                       ptrdiff_t out_stride, int accumulate)
+{
+#define TQ_AVX2_SCORES_BITS(K) tq_lut_scores_avx2_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate)
+    TQ_LUT_DISPATCH4(bits, TQ_AVX2_SCORES_BITS)
+#undef TQ_AVX2_SCORES_BITS
+}
+
+/* Eight groups (64 coordinates) starting at group g0, accumulated over all
+ * rows with the accumulators in registers. */
+TQ_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const uint8_t *codes,
+                                           ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
+                                           const float *weights, const double *scales,
+                                           ptrdiff_t g0, ptrdiff_t fast_groups, float *acc)
+{
+    __m256 a[8];
+    for (int k = 0; k < 8; k++)
+        a[k] = _mm256_loadu_ps(acc + 8 * (g0 + k));
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        const __m256 w = _mm256_set1_ps((float)((double)weights[i] * scales[i]));
+        for (int k = 0; k < 8; k++)
+            a[k] = _mm256_fmadd_ps(tq_lut_decode(dec, tq_lut_group_word(row, g0 + k, bits, fast_groups), bits),
+                                   w, a[k]);
+    }
+    for (int k = 0; k < 8; k++)
+        _mm256_storeu_ps(acc + 8 * (g0 + k), a[k]);
+}
+
+TQ_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrdiff_t n,
+                                                  ptrdiff_t row_bytes, const int bits,
+                                                  const float *centroids, const float *weights,
+                                                  const double *scales, ptrdiff_t d, float *acc)
+{
+    const tq_lut_decoder dec = tq_lut_decoder_make(centroids, bits);
+    const ptrdiff_t groups = d / 8;
+    const ptrdiff_t fast_groups = row_bytes >= 4 ? (row_bytes - 4) / bits + 1 : 0;
+    ptrdiff_t g0 = 0;
+    for (; g0 + 8 <= groups; g0 += 8)
+        tq_lut_weighted_block8(&dec, codes, n, row_bytes, bits, weights, scales, g0, fast_groups, acc);
+    for (ptrdiff_t g = g0; g < groups; g++) {
+        __m256 a = _mm256_loadu_ps(acc + 8 * g);
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const __m256 w = _mm256_set1_ps((float)((double)weights[i] * scales[i]));
+            a = _mm256_fmadd_ps(tq_lut_decode(&dec, tq_lut_group_word(codes + i * row_bytes, g, bits, fast_groups), bits),
+                                w, a);
+        }
+        _mm256_storeu_ps(acc + 8 * g, a);
+    }
+    for (ptrdiff_t i = 0; i < n && 8 * groups < d; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        const float w = (float)((double)weights[i] * scales[i]);
+        for (ptrdiff_t j = 8 * groups; j < d; j++)
+            acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
+    }
+}
+
+TQ_AVX2 static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                             int bits, const float *centroids, const float *weights,
+                                             const double *scales, ptrdiff_t d, float *acc)
+{
+#define TQ_AVX2_SUM_BITS(K) tq_lut_weighted_sum_avx2_bits(codes, n, row_bytes, K, centroids, weights, scales, d, acc)
+    TQ_LUT_DISPATCH4(bits, TQ_AVX2_SUM_BITS)
+#undef TQ_AVX2_SUM_BITS
+}
+
+/* AVX-512: sixteen coordinates per register and the whole 16-entry codebook
+ * in one, so a lookup is a single permute. Sixteen indices span 2*bits bytes,
+ * brought into every lane with broadcasts straight from memory:
+ *   1, 2 bits: one dword; lane k is coordinate k;
+ *   3 bits:    the dword at the block's first byte for lanes 0-7 and the one
+ *              3 bytes further for lanes 8-15; lane k is coordinate k;
+ *   4 bits:    one qword; lane 2k is coordinate k and lane 2k+1 coordinate
+ *              8 + k ("interleaved": queries and sums are permuted to match). */
+#define TQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define TQ_AVX512_INLINE __attribute__((target("avx512f,avx2,fma"), always_inline)) static inline
+#define TQ_LUT_INTERLEAVED(bits) ((bits) == 4)
+
+typedef struct {
+    __m512 table;
+    __m512i shift, mask;
+    ptrdiff_t fast_blocks; /* blocks whose broadcasts lie inside the row */
+} tq_lut_decoder16;
+
+TQ_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroids, const int bits,
+                                                        ptrdiff_t row_bytes)
+{
+    tq_lut_decoder16 dec;
+    float padded[16] = {0};
+    memcpy(padded, centroids, sizeof(float) * ((size_t)1 << bits));
+    dec.table = _mm512_loadu_ps(padded);
+    dec.mask = _mm512_set1_epi32((1 << bits) - 1);
+    if (bits == 4) {
+        dec.shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+        dec.fast_blocks = row_bytes >= 8 ? (row_bytes - 8) / 8 + 1 : 0;
+    } else if (bits == 3) {
+        dec.shift = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
+        dec.fast_blocks = row_bytes >= 7 ? (row_bytes - 7) / 6 + 1 : 0;
+    } else {
+        dec.shift = _mm512_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits,
+                                      8 * bits, 9 * bits, 10 * bits, 11 * bits, 12 * bits, 13 * bits,
+                                      14 * bits, 15 * bits);
+        dec.fast_blocks = row_bytes >= 4 ? (row_bytes - 4) / (2 * bits) + 1 : 0;
+    }
+    return dec;
+}
+
+/* The first `count` (< 8) bytes at p as a little-endian integer. */
+static inline uint64_t tq_lut_short_word(const uint8_t *p, int count)
+{
+    uint64_t word = 0;
+    for (int r = 0; r < count; r++)
+        word |= (uint64_t)p[r] << (8 * r);
+    return word;
+}
+
+/* Centroids of coordinates 16h .. 16h+15 of a row, in the lane order above. */
+TQ_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
+                                        const int bits)
+{
+    const uint8_t *p = row + 2 * h * bits;
+    const int fast = h < dec->fast_blocks;
+    __m512i words;
+    if (bits == 4) {
+        words = fast ? _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p))
+                     : _mm512_set1_epi64((long long)tq_lut_short_word(p, 8));
+    } else if (bits == 3) {
+        words = fast ? _mm512_mask_broadcastd_epi32(_mm512_broadcastd_epi32(_mm_loadu_si32(p)),
+                                                    (__mmask16)0xFF00, _mm_loadu_si32(p + 3))
+                     : _mm512_mask_blend_epi32((__mmask16)0xFF00,
+                                               _mm512_set1_epi32((int)tq_lut_short_word(p, 3)),
+                                               _mm512_set1_epi32((int)tq_lut_short_word(p + 3, 3)));
+    } else {
+        words = fast ? _mm512_broadcastd_epi32(_mm_loadu_si32(p))
+                     : _mm512_set1_epi32((int)tq_lut_short_word(p, 2 * bits));
+    }
+    __m512i idx = _mm512_srlv_epi32(words, dec->shift);
+    if (bits < 4)
+        idx = _mm512_and_si512(idx, dec->mask);
+    return _mm512_permutexvar_ps(idx, dec->table);
+}
+
+/* Natural coordinate order to interleaved lane order, and back. */
+TQ_AVX512_INLINE __m512 tq_lut_interleave(__m512 v)
+{
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15), v);
+}
+
+TQ_AVX512_INLINE __m512 tq_lut_deinterleave(__m512 v)
+{
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
+}
+
+/* Lane t of the result is the sum of the sixteen lanes of v[t]: a transposing
+ * tree of shuffles and adds that only ever adds partial sums of the same t, so
+ * each lane's arithmetic does not depend on the other fifteen vectors. */
+TQ_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
+{
+    __m512 halves[8], quarters[4], eighths[2];
+    for (int k = 0; k < 8; k++) /* 128-bit chunks: v[2k] in 0-1, v[2k+1] in 2-3 */
+        halves[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                                  _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++) /* chunk c: v[4k + c] */
+        quarters[k] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * k], halves[2 * k + 1], 0x88),
+                                    _mm512_shuffle_f32x4(halves[2 * k], halves[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++) /* chunk c: lanes 0-1 v[8k + c], lanes 2-3 v[8k + 4 + c] */
+        eighths[k] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * k], quarters[2 * k + 1], 0x44),
+                                   _mm512_shuffle_ps(quarters[2 * k], quarters[2 * k + 1], 0xEE));
+    /* lane 4c + j: v[c + 4j]; put lane t back to v[t] */
+    __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
+                                _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
+}
+
+/* Rows in blocks of 16: each row's products for up to TQ_LUT_MAX_QUERIES
+ * queries (decoded once) go to `partial`, then tq_lut_sum16 reduces sixteen
+ * rows at once. A row's score is the same arithmetic wherever it sits. */
+TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                                const int bits, const float *centroids,
+                                                const float *queries, const int m, ptrdiff_t d,
+                                                const double *scales, float *out,
+                                                ptrdiff_t out_stride, int accumulate,
+                                                float *lane_queries)
+{
+    const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
+    const ptrdiff_t blocks = d / 16, pairs = blocks / 2, width = 16 * blocks;
+    __m512 partial[TQ_LUT_MAX_QUERIES][16];
+    float sums[16];
+    /* The queries' whole blocks in lane order (m rows of `width` floats). */
+    for (int q = 0; q < m; q++) {
+        for (ptrdiff_t h = 0; h < blocks; h++) {
+            __m512 v = _mm512_loadu_ps(queries + q * d + 16 * h);
+            _mm512_storeu_ps(lane_queries + q * width + 16 * h,
+                             TQ_LUT_INTERLEAVED(bits) ? tq_lut_interleave(v) : v);
+        }
+    }
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {
+        const int rows = n - i0 < 16 ? (int)(n - i0) : 16;
+        for (int t = 0; t < 16; t++) {
+            __m512 even[TQ_LUT_MAX_QUERIES], odd[TQ_LUT_MAX_QUERIES];
+            for (int q = 0; q < m; q++)
+                even[q] = odd[q] = _mm512_setzero_ps();
+            if (t < rows) {
+                const uint8_t *row = codes + (i0 + t) * row_bytes;
+                for (ptrdiff_t p = 0; p < pairs; p++) {
+                    __m512 a = tq_lut_decode16(&dec, row, 2 * p, bits);
+                    __m512 b = tq_lut_decode16(&dec, row, 2 * p + 1, bits);
+                    for (int q = 0; q < m; q++) {
+                        even[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + 32 * p), even[q]);
+                        odd[q] = _mm512_fmadd_ps(b, _mm512_loadu_ps(lane_queries + q * width + 32 * p + 16), odd[q]);
+                    }
+                }
+                if (blocks & 1) {
+                    __m512 a = tq_lut_decode16(&dec, row, blocks - 1, bits);
+                    for (int q = 0; q < m; q++)
+                        even[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + width - 16), even[q]);
+                }
+            }
+            for (int q = 0; q < m; q++)
+                partial[q][t] = _mm512_add_ps(even[q], odd[q]);
+        }
+        for (int q = 0; q < m; q++) {
+            _mm512_storeu_ps(sums, tq_lut_sum16(partial[q]));
+            for (int t = 0; t < rows; t++) {
+                const uint8_t *row = codes + (i0 + t) * row_bytes;
+                float acc = sums[t];
+                for (ptrdiff_t j = width; j < d; j++)
+                    acc += queries[q * d + j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+                float value = (float)(scales[i0 + t] * (double)acc);
+                float *dst = out + q * out_stride + i0 + t;
+                *dst = accumulate ? *dst + value : value;
+            }
+        }
+    }
+}
+
+TQ_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                                const int bits, const float *centroids,
+                                                const float *queries, ptrdiff_t m, ptrdiff_t d,
+                                                const double *scales, float *out,
+                                                ptrdiff_t out_stride, int accumulate)
+{
+    float *lane_queries = (float *)malloc(sizeof(float) * (size_t)(m * d + 1));
+    if (lane_queries == NULL) {
+        tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
+                               out_stride, accumulate);
+        return;
+    }
+#define TQ_AVX512_SCORES_FOR(K) tq_lut_scores_avx512_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, lane_queries)
+    TQ_LUT_DISPATCH4(m, TQ_AVX512_SCORES_FOR)
+#undef TQ_AVX512_SCORES_FOR
+    free(lane_queries);
+}
+
+TQ_AVX512 static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                           int bits, const float *centroids, const float *queries,
+                                           ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
+                                           ptrdiff_t out_stride, int accumulate)
+{
+#define TQ_AVX512_SCORES_BITS(K) tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate)
+    TQ_LUT_DISPATCH4(bits, TQ_AVX512_SCORES_BITS)
+#undef TQ_AVX512_SCORES_BITS
+}
+
+/* Eight blocks (128 coordinates) from block h0, accumulators in registers. */
+TQ_AVX512_INLINE void tq_lut_weighted_block8_avx512(const tq_lut_decoder16 *dec, const uint8_t *codes,
+                                                    ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
+                                                    const float *weights, const double *scales,
+                                                    ptrdiff_t h0, float *acc)
+{
+    __m512 a[8];
+    for (int k = 0; k < 8; k++) {
+        a[k] = _mm512_loadu_ps(acc + 16 * (h0 + k));
+        if (TQ_LUT_INTERLEAVED(bits))
+            a[k] = tq_lut_interleave(a[k]);
+    }
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        const __m512 w = _mm512_set1_ps((float)((double)weights[i] * scales[i]));
+        for (int k = 0; k < 8; k++)
+            a[k] = _mm512_fmadd_ps(tq_lut_decode16(dec, row, h0 + k, bits), w, a[k]);
+    }
+    for (int k = 0; k < 8; k++)
+        _mm512_storeu_ps(acc + 16 * (h0 + k), TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a[k]) : a[k]);
+}
+
+TQ_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
+                                                      ptrdiff_t row_bytes, const int bits,
+                                                      const float *centroids, const float *weights,
+                                                      const double *scales, ptrdiff_t d, float *acc)
+{
+    const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
+    const ptrdiff_t blocks = d / 16;
+    ptrdiff_t h0 = 0;
+    for (; h0 + 8 <= blocks; h0 += 8)
+        tq_lut_weighted_block8_avx512(&dec, codes, n, row_bytes, bits, weights, scales, h0, acc);
+    for (ptrdiff_t h = h0; h < blocks; h++) {
+        __m512 a = _mm512_loadu_ps(acc + 16 * h);
+        if (TQ_LUT_INTERLEAVED(bits))
+            a = tq_lut_interleave(a);
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const __m512 w = _mm512_set1_ps((float)((double)weights[i] * scales[i]));
+            a = _mm512_fmadd_ps(tq_lut_decode16(&dec, codes + i * row_bytes, h, bits), w, a);
+        }
+        _mm512_storeu_ps(acc + 16 * h, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
+    }
+    for (ptrdiff_t i = 0; i < n && 16 * blocks < d; i++) {
+        const uint8_t *row = codes + i * row_bytes;
+        const float w = (float)((double)weights[i] * scales[i]);
+        for (ptrdiff_t j = 16 * blocks; j < d; j++)
+            acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
+    }
+}
+
+TQ_AVX512 static void tq_lut_weighted_sum_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                                 int bits, const float *centroids, const float *weights,
+                                                 const double *scales, ptrdiff_t d, float *acc)
+{
+#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, scales, d, acc)
+    TQ_LUT_DISPATCH4(bits, TQ_AVX512_SUM_BITS)
+#undef TQ_AVX512_SUM_BITS
+}
+
+/* The path to use: the best the processor has, at most tq_lut_max_level. */
+static inline int tq_lut_level(void)
+{
+    int level = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        level = __builtin_cpu_supports("avx512f") ? 2 : 1;
+    return level < tq_lut_max_level ? level : tq_lut_max_level;
+}
+#else
+static inline int tq_lut_level(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Entry points                                                              */
+/* ------------------------------------------------------------------------ */
+
+/* Name of the path in use: "avx512", "avx2" or "portable". */
+static inline const char *tq_lut_path(void)
+{
+    static const char *names[3] = {"portable", "avx2", "avx512"};
+    return names[tq_lut_level()];
+}
+
+/* Scores of rows 0..n-1 for m <= TQ_LUT_MAX_QUERIES queries (rows of `queries`,
+ * d floats each); out[q * out_stride + i]. bits in 1..TQ_LUT_MAX_BITS. */
+static inline void tq_lut_scores(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes, int bits,
+                                 const float *centroids, const float *queries, ptrdiff_t m,
+                                 ptrdiff_t d, const double *scales, float *out,
+                                 ptrdiff_t out_stride, int accumulate)
+{
+#ifdef TQ_LUT_X86
+    switch (tq_lut_level()) {
+    case 2:
+        tq_lut_scores_avx512(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
+                             out_stride, accumulate);
+        return;
+    case 1:
+        tq_lut_scores_avx2(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
+                           out_stride, accumulate);
+        return;
+    }
+#endif
+    tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
+                           out_stride, accumulate);
+}
+
+/* acc[j] += sum over rows 0..n-1 of (float)(weights[i] * scales[i]) * c[idx(i, j)]. */
+static inline void tq_lut_weighted_sum(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                       int bits, const float *centroids, const float *weights,
+                                       const double *scales, ptrdiff_t d, float *acc)
+{
+#ifdef TQ_LUT_X86
+    switch (tq_lut_level()) {
+    case 2:
+        tq_lut_weighted_sum_avx512(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
+        return;
+    case 1:
+        tq_lut_weighted_sum_avx2(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
+        return;
+    }
+#endif
+    tq_lut_weighted_sum_portable(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
+}
+
+#endif /* TQ_LUT_H */

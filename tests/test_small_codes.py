@@ -1,0 +1,130 @@
+"""The float32 kernels for codes of 1 to 4 bits (``include/tq_lut.h``), on every path.
+
+float32 queries (scores) and float32 weights (weighted sums) of codes with at
+most 4 bits run in float32 on the best path the processor has: AVX-512, AVX2
+with FMA, or portable C. Each path is checked here against a float64 numpy
+reference with float32 rounding-error bounds (see ``tests/test_kernels.py``),
+for whole and partial 16-row blocks, dims that are not multiples of 8 or 16,
+several queries per pass and the row tails of 3-bit codes, and is checked to
+give each row the same bits wherever it sits among the rows of a call.
+"""
+
+import numpy as np
+import pytest
+
+import turboquant as tq
+from turboquant import _core
+
+EPS32 = np.finfo(np.float32).eps
+AVAILABLE = _core.SMALL_CODE_PATHS[: _core.SMALL_CODE_PATHS.index(_core.small_code_path()) + 1]
+
+
+@pytest.fixture(params=AVAILABLE)
+def path(request):
+    """Run the test on one path, then restore the best one."""
+    _core.limit_small_code_path(request.param)
+    assert _core.small_code_path() == request.param
+    yield request.param
+    _core.limit_small_code_path(_core.SMALL_CODE_PATHS[-1])
+
+
+def random_case(rng, n, dim, bits):
+    centroids = np.sort(rng.standard_normal(1 << bits))
+    indices = rng.integers(0, 1 << bits, size=(n, dim), dtype=np.uint8)
+    packed = np.empty((n, (dim * bits + 7) // 8), dtype=np.uint8)
+    _core.pack_indices(indices, bits, packed, 1)
+    scales = rng.uniform(0.0, 3.0, size=n)
+    return centroids, indices, packed, scales
+
+
+def scores(packed, bits, centroids, queries, scales, n_threads=1):
+    out = np.full((queries.shape[0], packed.shape[0]), np.nan, dtype=np.float32)
+    _core.lut_inner_products(packed, bits, centroids, queries, scales, out, False, n_threads)
+    return out
+
+
+def test_the_best_path_is_used_by_default():
+    assert _core.small_code_path() == AVAILABLE[-1]
+    assert set(AVAILABLE) <= set(_core.SMALL_CODE_PATHS)
+    assert AVAILABLE[0] == "portable"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [1, 5, 8, 15, 16, 17, 31, 32, 40, 97, 128, 200])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
+def test_scores_match_reference(path, bits, dim, n):
+    rng = np.random.default_rng([bits, dim, n])
+    centroids, indices, packed, scales = random_case(rng, n, dim, bits)
+    queries = rng.standard_normal((5, dim)).astype(np.float32)   # a pass of 4 and one of 1
+    values = centroids[indices]
+    q64 = queries.astype(np.float64)
+    expected = (q64 @ values.T) * scales
+    magnitude = (np.abs(q64) @ np.abs(values).T) * scales
+    out = scores(packed, bits, centroids, queries, scales)
+    assert out.dtype == np.float32
+    assert np.all(np.abs(out - expected) <= (dim + 2) * EPS32 * magnitude + EPS32 * np.abs(expected))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [7, 48, 128])
+def test_a_rows_score_does_not_depend_on_its_neighbours(path, bits, dim):
+    """The same row gets the same bits alone, in any block position, for any number of queries."""
+    rng = np.random.default_rng([7, bits, dim])
+    centroids, _, packed, scales = random_case(rng, 300, dim, bits)
+    queries = rng.standard_normal((6, dim)).astype(np.float32)
+    together = scores(packed, bits, centroids, queries, scales)
+    for i in (0, 5, 15, 16, 255, 256, 299):
+        alone = scores(packed[i:i + 1], bits, centroids, queries, scales[i:i + 1])
+        np.testing.assert_array_equal(alone[:, 0], together[:, i])
+        shifted = scores(packed[i:], bits, centroids, queries[2:3], scales[i:])
+        assert shifted[0, 0] == together[2, i]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_scores_identical_for_every_thread_count(path, bits):
+    rng = np.random.default_rng([11, bits])
+    centroids, _, packed, scales = random_case(rng, 40_000, 64, bits)
+    queries = rng.standard_normal((3, 64)).astype(np.float32)
+    one = scores(packed, bits, centroids, queries, scales, 1)
+    np.testing.assert_array_equal(one, scores(packed, bits, centroids, queries, scales, 2))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [1, 9, 16, 33, 128, 144])
+@pytest.mark.parametrize("n", [1, 17, 700, 3000])
+def test_weighted_sums_match_reference(path, bits, dim, n):
+    rng = np.random.default_rng([13, bits, dim, n])
+    centroids, indices, packed, scales = random_case(rng, n, dim, bits)
+    weights = rng.random((3, n)).astype(np.float32)
+    values = scales[:, None] * centroids[indices]
+    w64 = weights.astype(np.float64)
+    expected = w64 @ values
+    out = np.full((3, dim), np.nan)
+    _core.lut_weighted_sum(packed, bits, centroids, weights, scales, out, 1)
+    assert np.all(np.abs(out - expected) <= (n + 3) * EPS32 * (np.abs(w64) @ np.abs(values)))
+    again = np.full((3, dim), np.nan)
+    _core.lut_weighted_sum(packed, bits, centroids, weights, scales, again, 2)
+    np.testing.assert_array_equal(out, again)
+
+
+def test_paths_agree_to_float32_rounding():
+    """Every path scores a real quantizer's codes like the float64 path, to float32 rounding."""
+    rng = np.random.default_rng(5)
+    quantizer = tq.TurboQuantMSE(128, 4, seed=1)
+    codes = quantizer.quantize(rng.standard_normal((2000, 128)))
+    queries = rng.standard_normal((2, 128))
+    exact = quantizer.inner_products(codes, queries)
+    results = {}
+    try:
+        for name in AVAILABLE:
+            _core.limit_small_code_path(name)
+            results[name] = quantizer.inner_products(codes, queries.astype(np.float32))
+    finally:
+        _core.limit_small_code_path(_core.SMALL_CODE_PATHS[-1])
+    for result in results.values():
+        np.testing.assert_allclose(result, exact, rtol=0, atol=200 * EPS32 * np.abs(exact).max())
+
+
+def test_unknown_path_name_is_refused():
+    with pytest.raises(ValueError):
+        _core.limit_small_code_path("sse2")
