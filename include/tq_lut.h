@@ -374,6 +374,44 @@ TQ_AVX512_INLINE __m512 tq_lut_deinterleave(__m512 v)
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
 }
 
+/* Centroids of coordinates 32p .. 32p+31 as two registers in "pair order".
+ * With 4 bits the pair is 16 bytes, one zero-extended byte per lane: the
+ * permute reads the low nibble (coordinate 32p + 2L) directly and the high one
+ * (32p + 2L + 1) after a shift, so the pair order is the even coordinates,
+ * then the odd ones. Otherwise it is blocks 2p and 2p+1 as tq_lut_decode16
+ * gives them (coordinate order). */
+TQ_AVX512_INLINE void tq_lut_decode_pair(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t p,
+                                         const int bits, __m512 *first, __m512 *second)
+{
+    if (bits == 4) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * p)));
+        *first = _mm512_permutexvar_ps(bytes, dec->table);
+        *second = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), dec->table);
+    } else {
+        *first = tq_lut_decode16(dec, row, 2 * p, bits);
+        *second = tq_lut_decode16(dec, row, 2 * p + 1, bits);
+    }
+}
+
+/* 32 values in coordinate order (lo: the first 16) into pair order, and back. */
+TQ_AVX512_INLINE void tq_lut_to_pair_order(__m512 *lo, __m512 *hi, const int bits)
+{
+    if (bits == 4) {
+        __m512 a = *lo, b = *hi;
+        *lo = _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+        *hi = _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
+    }
+}
+
+TQ_AVX512_INLINE void tq_lut_from_pair_order(__m512 *lo, __m512 *hi, const int bits)
+{
+    if (bits == 4) {
+        __m512 even = *lo, odd = *hi;
+        *lo = _mm512_permutex2var_ps(even, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), odd);
+        *hi = _mm512_permutex2var_ps(even, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), odd);
+    }
+}
+
 /* Lane t of the result is the sum of the sixteen lanes of v[t]: a transposing
  * tree of shuffles and adds that only ever adds partial sums of the same t, so
  * each lane's arithmetic does not depend on the other fifteen vectors. */
@@ -409,12 +447,20 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t 
     const ptrdiff_t blocks = d / 16, pairs = blocks / 2, width = 16 * blocks;
     __m512 partial[TQ_LUT_MAX_QUERIES][16];
     float sums[16];
-    /* The queries' whole blocks in lane order (m rows of `width` floats). */
+    /* The queries' whole blocks in the decoder's lane order (m rows of `width`
+     * floats): pairs in pair order, a last odd block as tq_lut_decode16 has it. */
     for (int q = 0; q < m; q++) {
-        for (ptrdiff_t h = 0; h < blocks; h++) {
-            __m512 v = _mm512_loadu_ps(queries + q * d + 16 * h);
-            _mm512_storeu_ps(lane_queries + q * width + 16 * h,
-                             TQ_LUT_INTERLEAVED(bits) ? tq_lut_interleave(v) : v);
+        const float *query = queries + q * d;
+        float *lanes = lane_queries + q * width;
+        for (ptrdiff_t p = 0; p < pairs; p++) {
+            __m512 lo = _mm512_loadu_ps(query + 32 * p), hi = _mm512_loadu_ps(query + 32 * p + 16);
+            tq_lut_to_pair_order(&lo, &hi, bits);
+            _mm512_storeu_ps(lanes + 32 * p, lo);
+            _mm512_storeu_ps(lanes + 32 * p + 16, hi);
+        }
+        if (blocks & 1) {
+            __m512 v = _mm512_loadu_ps(query + width - 16);
+            _mm512_storeu_ps(lanes + width - 16, TQ_LUT_INTERLEAVED(bits) ? tq_lut_interleave(v) : v);
         }
     }
     for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {
@@ -426,8 +472,8 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t 
             if (t < rows) {
                 const uint8_t *row = codes + (i0 + t) * row_bytes;
                 for (ptrdiff_t p = 0; p < pairs; p++) {
-                    __m512 a = tq_lut_decode16(&dec, row, 2 * p, bits);
-                    __m512 b = tq_lut_decode16(&dec, row, 2 * p + 1, bits);
+                    __m512 a, b;
+                    tq_lut_decode_pair(&dec, row, p, bits, &a, &b);
                     for (int q = 0; q < m; q++) {
                         even[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + 32 * p), even[q]);
                         odd[q] = _mm512_fmadd_ps(b, _mm512_loadu_ps(lane_queries + q * width + 32 * p + 16), odd[q]);
@@ -485,26 +531,33 @@ TQ_AVX512 static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, pt
 #undef TQ_AVX512_SCORES_BITS
 }
 
-/* Eight blocks (128 coordinates) from block h0, accumulators in registers. */
-TQ_AVX512_INLINE void tq_lut_weighted_block8_avx512(const tq_lut_decoder16 *dec, const uint8_t *codes,
-                                                    ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
-                                                    const float *weights, const double *scales,
-                                                    ptrdiff_t h0, float *acc)
+/* `count` (<= 4) pairs from pair p0, the accumulators in registers. */
+TQ_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const uint8_t *codes,
+                                            ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
+                                            const float *weights, const double *scales,
+                                            ptrdiff_t p0, const int count, float *acc)
 {
     __m512 a[8];
-    for (int k = 0; k < 8; k++) {
-        a[k] = _mm512_loadu_ps(acc + 16 * (h0 + k));
-        if (TQ_LUT_INTERLEAVED(bits))
-            a[k] = tq_lut_interleave(a[k]);
+    for (int k = 0; k < count; k++) {
+        a[2 * k] = _mm512_loadu_ps(acc + 32 * (p0 + k));
+        a[2 * k + 1] = _mm512_loadu_ps(acc + 32 * (p0 + k) + 16);
+        tq_lut_to_pair_order(&a[2 * k], &a[2 * k + 1], bits);
     }
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
         const __m512 w = _mm512_set1_ps((float)((double)weights[i] * scales[i]));
-        for (int k = 0; k < 8; k++)
-            a[k] = _mm512_fmadd_ps(tq_lut_decode16(dec, row, h0 + k, bits), w, a[k]);
+        for (int k = 0; k < count; k++) {
+            __m512 lo, hi;
+            tq_lut_decode_pair(dec, row, p0 + k, bits, &lo, &hi);
+            a[2 * k] = _mm512_fmadd_ps(lo, w, a[2 * k]);
+            a[2 * k + 1] = _mm512_fmadd_ps(hi, w, a[2 * k + 1]);
+        }
     }
-    for (int k = 0; k < 8; k++)
-        _mm512_storeu_ps(acc + 16 * (h0 + k), TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a[k]) : a[k]);
+    for (int k = 0; k < count; k++) {
+        tq_lut_from_pair_order(&a[2 * k], &a[2 * k + 1], bits);
+        _mm512_storeu_ps(acc + 32 * (p0 + k), a[2 * k]);
+        _mm512_storeu_ps(acc + 32 * (p0 + k) + 16, a[2 * k + 1]);
+    }
 }
 
 TQ_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
@@ -513,11 +566,14 @@ TQ_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrd
                                                       const double *scales, ptrdiff_t d, float *acc)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
-    const ptrdiff_t blocks = d / 16;
-    ptrdiff_t h0 = 0;
-    for (; h0 + 8 <= blocks; h0 += 8)
-        tq_lut_weighted_block8_avx512(&dec, codes, n, row_bytes, bits, weights, scales, h0, acc);
-    for (ptrdiff_t h = h0; h < blocks; h++) {
+    const ptrdiff_t blocks = d / 16, pairs = blocks / 2;
+    ptrdiff_t p0 = 0;
+    for (; p0 + 4 <= pairs; p0 += 4)
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, scales, p0, 4, acc);
+    for (; p0 < pairs; p0++)
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, scales, p0, 1, acc);
+    if (blocks & 1) {
+        const ptrdiff_t h = blocks - 1;
         __m512 a = _mm512_loadu_ps(acc + 16 * h);
         if (TQ_LUT_INTERLEAVED(bits))
             a = tq_lut_interleave(a);
