@@ -23,6 +23,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,7 +64,7 @@ static inline uint32_t tq_lut_index(const uint8_t *row, ptrdiff_t j, int bits, p
 static void tq_lut_scores_portable(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes, int bits,
                                    const float *centroids, const float *queries, ptrdiff_t m,
                                    ptrdiff_t d, const double *scales, float *out,
-                                   ptrdiff_t out_stride, int accumulate)
+                                   ptrdiff_t out_stride, int accumulate, float *high)
 {
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
@@ -75,6 +76,8 @@ static void tq_lut_scores_portable(const uint8_t *codes, ptrdiff_t n, ptrdiff_t 
             float value = (float)(scales[i] * (double)acc);
             float *dst = out + q * out_stride + i;
             *dst = accumulate ? *dst + value : value;
+            if (high != NULL && *dst > high[q])
+                high[q] = *dst;
         }
     }
 }
@@ -172,7 +175,7 @@ TQ_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t n, p
                                             const int bits, const float *centroids,
                                             const float *queries, const int m, ptrdiff_t d,
                                             const double *scales, float *out,
-                                            ptrdiff_t out_stride, int accumulate)
+                                            ptrdiff_t out_stride, int accumulate, float *high)
 {
     const tq_lut_decoder dec = tq_lut_decoder_make(centroids, bits);
     const ptrdiff_t groups = d / 8, pairs = groups / 2;
@@ -203,6 +206,8 @@ TQ_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t n, p
             float value = (float)(scales[i] * (double)acc);
             float *dst = out + q * out_stride + i;
             *dst = accumulate ? *dst + value : value;
+            if (high != NULL && *dst > high[q])
+                high[q] = *dst;
         }
     }
 }
@@ -212,9 +217,9 @@ TQ_AVX2_INLINE void tq_lut_scores_avx2_bits(const uint8_t *codes, ptrdiff_t n, p
                                             const int bits, const float *centroids,
                                             const float *queries, ptrdiff_t m, ptrdiff_t d,
                                             const double *scales, float *out,
-                                            ptrdiff_t out_stride, int accumulate)
+                                            ptrdiff_t out_stride, int accumulate, float *high)
 {
-#define TQ_AVX2_SCORES_FOR(K) tq_lut_scores_avx2_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate)
+#define TQ_AVX2_SCORES_FOR(K) tq_lut_scores_avx2_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, high)
     TQ_LUT_DISPATCH4(m, TQ_AVX2_SCORES_FOR)
 #undef TQ_AVX2_SCORES_FOR
 }
@@ -222,9 +227,9 @@ TQ_AVX2_INLINE void tq_lut_scores_avx2_bits(const uint8_t *codes, ptrdiff_t n, p
 TQ_AVX2 static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                        int bits, const float *centroids, const float *queries,
                                        ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
-                                       ptrdiff_t out_stride, int accumulate)
+                                       ptrdiff_t out_stride, int accumulate, float *high)
 {
-#define TQ_AVX2_SCORES_BITS(K) tq_lut_scores_avx2_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate)
+#define TQ_AVX2_SCORES_BITS(K) tq_lut_scores_avx2_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high)
     TQ_LUT_DISPATCH4(bits, TQ_AVX2_SCORES_BITS)
 #undef TQ_AVX2_SCORES_BITS
 }
@@ -440,7 +445,7 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t 
                                                 const int bits, const float *centroids,
                                                 const float *queries, const int m, ptrdiff_t d,
                                                 const double *scales, float *out,
-                                                ptrdiff_t out_stride, int accumulate,
+                                                ptrdiff_t out_stride, int accumulate, float *high,
                                                 float *lane_queries)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
@@ -498,6 +503,8 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t 
                 float value = (float)(scales[i0 + t] * (double)acc);
                 float *dst = out + q * out_stride + i0 + t;
                 *dst = accumulate ? *dst + value : value;
+            if (high != NULL && *dst > high[q])
+                high[q] = *dst;
             }
         }
     }
@@ -507,15 +514,15 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t 
                                                 const int bits, const float *centroids,
                                                 const float *queries, ptrdiff_t m, ptrdiff_t d,
                                                 const double *scales, float *out,
-                                                ptrdiff_t out_stride, int accumulate)
+                                                ptrdiff_t out_stride, int accumulate, float *high)
 {
     float *lane_queries = (float *)malloc(sizeof(float) * (size_t)(m * d + 1));
     if (lane_queries == NULL) {
         tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                               out_stride, accumulate);
+                               out_stride, accumulate, high);
         return;
     }
-#define TQ_AVX512_SCORES_FOR(K) tq_lut_scores_avx512_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, lane_queries)
+#define TQ_AVX512_SCORES_FOR(K) tq_lut_scores_avx512_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, high, lane_queries)
     TQ_LUT_DISPATCH4(m, TQ_AVX512_SCORES_FOR)
 #undef TQ_AVX512_SCORES_FOR
     free(lane_queries);
@@ -524,9 +531,9 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t 
 TQ_AVX512 static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                            int bits, const float *centroids, const float *queries,
                                            ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
-                                           ptrdiff_t out_stride, int accumulate)
+                                           ptrdiff_t out_stride, int accumulate, float *high)
 {
-#define TQ_AVX512_SCORES_BITS(K) tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate)
+#define TQ_AVX512_SCORES_BITS(K) tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high)
     TQ_LUT_DISPATCH4(bits, TQ_AVX512_SCORES_BITS)
 #undef TQ_AVX512_SCORES_BITS
 }
@@ -613,6 +620,117 @@ static inline int tq_lut_level(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------ */
+/* Softmax numerators                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* exp(x - shift) in place for x <= shift, float32. The vector paths use
+ * Cephes' expf (round to the nearest power of two, a degree-6 polynomial on
+ * the reduced argument; about 1 ulp), 0 below -87 (and for lanes past n);
+ * the portable path calls expf. Returns the sum of the results, in double,
+ * in a fixed order. */
+static inline double tq_exp_sum(const float *x, ptrdiff_t n)
+{
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += x[i];
+        s1 += x[i + 1];
+        s2 += x[i + 2];
+        s3 += x[i + 3];
+    }
+    for (; i < n; i++)
+        s0 += x[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static double tq_exp_shifted_portable(float *x, ptrdiff_t n, float shift)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        x[i] = expf(x[i] - shift);
+    return tq_exp_sum(x, n);
+}
+
+#ifdef TQ_LUT_X86
+#define TQ_EXPF_LOG2E 1.44269504088896341f
+#define TQ_EXPF_C1 0.693359375f
+#define TQ_EXPF_C2 -2.12194440e-4f
+
+TQ_AVX512 static double tq_exp_shifted_avx512(float *x, ptrdiff_t n, float shift)
+{
+    const __m512 low = _mm512_set1_ps(-87.0f), offset = _mm512_set1_ps(shift);
+    __m512d sum_low = _mm512_setzero_pd(), sum_high = _mm512_setzero_pd();
+    for (ptrdiff_t i = 0; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), offset);
+        const __m512 c = _mm512_max_ps(v, low);
+        const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(TQ_EXPF_LOG2E)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(TQ_EXPF_C1), c);
+        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(TQ_EXPF_C2), r);
+        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+        p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+        __m512 e = _mm512_scalef_ps(p, k);
+        e = _mm512_maskz_mov_ps(live & _mm512_cmp_ps_mask(v, low, _CMP_NLT_UQ), e);
+        _mm512_mask_storeu_ps(x + i, live, e);
+        sum_low = _mm512_add_pd(sum_low, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        sum_high = _mm512_add_pd(sum_high, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(sum_low, sum_high));
+}
+
+TQ_AVX2 static double tq_exp_shifted_avx2(float *x, ptrdiff_t n, float shift)
+{
+    const __m256 low = _mm256_set1_ps(-87.0f), offset = _mm256_set1_ps(shift);
+    __m256d sum_low = _mm256_setzero_pd(), sum_high = _mm256_setzero_pd();
+    for (ptrdiff_t i = 0; i < n; i += 8) {
+        const int left = n - i >= 8 ? 8 : (int)(n - i);
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(left),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(x + i, live), offset);
+        const __m256 c = _mm256_max_ps(v, low);
+        const __m256 k = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(TQ_EXPF_LOG2E)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(TQ_EXPF_C1), c);
+        r = _mm256_fnmadd_ps(k, _mm256_set1_ps(TQ_EXPF_C2), r);
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+        const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+        e = _mm256_and_ps(e, _mm256_and_ps(_mm256_castsi256_ps(live), _mm256_cmp_ps(v, low, _CMP_NLT_UQ)));
+        _mm256_maskstore_ps(x + i, live, e);
+        sum_low = _mm256_add_pd(sum_low, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        sum_high = _mm256_add_pd(sum_high, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    sum_low = _mm256_add_pd(sum_low, sum_high);
+    __m128d half = _mm_add_pd(_mm256_castpd256_pd128(sum_low), _mm256_extractf128_pd(sum_low, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(half, _mm_unpackhi_pd(half, half)));
+}
+#endif
+
+/* x[i] = exp(x[i] - shift) for x[i] <= shift; returns the sum of the results
+ * (in double, in a fixed order). */
+static inline double tq_exp_shifted(float *x, ptrdiff_t n, float shift)
+{
+#ifdef TQ_LUT_X86
+    switch (tq_lut_level()) {
+    case 2: return tq_exp_shifted_avx512(x, n, shift);
+    case 1: return tq_exp_shifted_avx2(x, n, shift);
+    }
+#endif
+    return tq_exp_shifted_portable(x, n, shift);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Entry points                                                              */
 /* ------------------------------------------------------------------------ */
 
@@ -624,26 +742,27 @@ static inline const char *tq_lut_path(void)
 }
 
 /* Scores of rows 0..n-1 for m <= TQ_LUT_MAX_QUERIES queries (rows of `queries`,
- * d floats each); out[q * out_stride + i]. bits in 1..TQ_LUT_MAX_BITS. */
+ * d floats each); out[q * out_stride + i]. bits in 1..TQ_LUT_MAX_BITS. When
+ * `high` is not NULL, high[q] is raised to the largest score written for q. */
 static inline void tq_lut_scores(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes, int bits,
                                  const float *centroids, const float *queries, ptrdiff_t m,
                                  ptrdiff_t d, const double *scales, float *out,
-                                 ptrdiff_t out_stride, int accumulate)
+                                 ptrdiff_t out_stride, int accumulate, float *high)
 {
 #ifdef TQ_LUT_X86
     switch (tq_lut_level()) {
     case 2:
         tq_lut_scores_avx512(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                             out_stride, accumulate);
+                             out_stride, accumulate, high);
         return;
     case 1:
         tq_lut_scores_avx2(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                           out_stride, accumulate);
+                           out_stride, accumulate, high);
         return;
     }
 #endif
     tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                           out_stride, accumulate);
+                           out_stride, accumulate, high);
 }
 
 /* acc[j] += sum over rows 0..n-1 of (float)(weights[i] * scales[i]) * c[idx(i, j)]. */

@@ -128,3 +128,59 @@ def test_paths_agree_to_float32_rounding():
 def test_unknown_path_name_is_refused():
     with pytest.raises(ValueError):
         _core.limit_small_code_path("sse2")
+
+
+# -- fused float32 attention of the KV cache ---------------------------------------------
+def exact_attention(cache, queries, scale):
+    """float64 softmax(scale * scores) @ values from the cache's own reconstruction."""
+    keys, values = cache.reconstruct_keys(), cache.reconstruct_values()
+    logits = scale * (queries.astype(np.float64) @ keys.T)
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (weights / weights.sum(axis=1, keepdims=True)) @ values, weights
+
+
+@pytest.mark.parametrize("key_bits, value_bits", [(4, 4), (2, 3), (3, 1), (1, 2)])
+@pytest.mark.parametrize("n", [1, 37, 3000])
+@pytest.mark.parametrize("center_keys", [False, True])
+def test_float32_attention_matches_float64(path, key_bits, value_bits, n, center_keys):
+    """float32 queries take the fused kernel (scores, float32 exponential, weighted
+    sums); the result is the float64 attention over the same codes to float32 rounding."""
+    rng = np.random.default_rng([17, key_bits, value_bits, n])
+    dim = 96
+    cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim, key_bits=key_bits, value_bits=value_bits,
+                                                 center_keys=center_keys))
+    cache.append(rng.standard_normal((n, dim)) + 0.5, rng.standard_normal((n, dim)))
+    queries = (2.0 * rng.standard_normal((6, dim))).astype(np.float32)
+    scale = 1.0 / np.sqrt(dim)
+    out = cache.attention_output(queries)
+    assert out.dtype == np.float32 and out.shape == (6, dim)
+    expected, _ = exact_attention(cache, queries, scale)
+    # Relative errors of a few float32 roundings in each logit (times its size, up to
+    # ~30 here) and in the weighted sums: 1e-4 of the largest value is far outside them.
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    # One query or a block: the same up to the float32 rounding of the BLAS rotation.
+    np.testing.assert_allclose(cache.attention_output(queries[2]), out[2], rtol=0,
+                               atol=1e-5 * np.abs(out[2]).max())
+    np.testing.assert_array_equal(cache.attention_output(queries, n_threads=1),
+                                  cache.attention_output(queries, n_threads=2))
+
+
+def test_float32_attention_agrees_with_the_general_path(path):
+    """Sinks send float32 queries down the general path; with the sink token's
+    weight removed the two paths agree to float32 rounding."""
+    rng = np.random.default_rng(23)
+    dim, n = 64, 2000
+    keys, values = rng.standard_normal((n, dim)), rng.standard_normal((n, dim))
+    query = rng.standard_normal(dim).astype(np.float32)
+    fused = tq.QuantizedKVCache(tq.KVCacheConfig(dim))
+    fused.append(keys, values)
+    general = tq.QuantizedKVCache(tq.KVCacheConfig(dim, sink_tokens=1))
+    general.append(np.vstack([np.zeros((1, dim)), keys]), np.vstack([np.zeros((1, dim)), values]))
+    general_weights = general.attention_weights(query)
+    expected = (general_weights[1:] / general_weights[1:].sum()) @ general.reconstruct_values()[1:]
+    np.testing.assert_allclose(fused.attention_output(query), expected, rtol=0, atol=1e-5)
+
+
+def test_float32_attention_of_an_empty_cache_is_zero():
+    cache = tq.QuantizedKVCache(tq.KVCacheConfig(16))
+    np.testing.assert_array_equal(cache.attention_output(np.ones(16, dtype=np.float32)), np.zeros(16))

@@ -62,6 +62,20 @@ def lut_weighted_sum(
     out: _F64,
     n_threads: int,
 ) -> None: ...
+def small_code_attention(
+    key_codes: _U8,
+    key_bits: int,
+    key_centroids: _F64,
+    key_norms: npt.NDArray[np.float32],
+    value_codes: _U8,
+    value_bits: int,
+    value_centroids: _F64,
+    value_norms: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    scale: float,
+    out: _F64,
+    n_threads: int,
+) -> None: ...
 
 SMALL_CODE_PATHS: tuple[str, ...]
 

@@ -33,10 +33,12 @@ cdef extern from "tq_lut.h" nogil:
     const char* tq_lut_path()
     void tq_lut_scores(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
                        const float* centroids, const float* queries, Py_ssize_t m, Py_ssize_t d,
-                       const double* scales, float* out, Py_ssize_t out_stride, int accumulate)
+                       const double* scales, float* out, Py_ssize_t out_stride, int accumulate,
+                       float* high)
     void tq_lut_weighted_sum(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
                              const float* centroids, const float* weights, const double* scales,
                              Py_ssize_t d, float* acc)
+    double tq_exp_shifted(float* x, Py_ssize_t n, float shift)
 
 cdef extern from "tq_openmp.h" nogil:
     int tq_openmp_enabled()
@@ -626,7 +628,7 @@ cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[
         while q0 < m:
             tq_lut_scores(&codes[start, 0], min(<Py_ssize_t> SMALL_CODE_ROWS, n - start), row_bytes, bits,
                           cents, &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
-                          &scales[start], &out[q0, start], n, accumulate)
+                          &scales[start], &out[q0, start], n, accumulate, NULL)
             q0 = q0 + TQ_LUT_MAX_QUERIES
 
 
@@ -813,9 +815,7 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
         return
     if floating is float:
         if bits <= TQ_LUT_MAX_BITS:
-            chunk = 512
-            while (n + chunk - 1) // chunk > 256:
-                chunk *= 2
+            chunk = small_code_chunk(n)
             n_chunks = (n + chunk - 1) // chunk
             partial32 = <float*> malloc(n_chunks * m * d * sizeof(float))
             if partial32 == NULL:
@@ -853,6 +853,115 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
                 q0 += qn
     finally:
         free(histograms)
+        free(partial)
+
+
+cdef inline Py_ssize_t small_code_chunk(Py_ssize_t n) noexcept nogil:
+    """Rows per parallel work item of the float32 weighted sums: 512, doubled
+    until there are at most 256 chunks (depends on ``n`` only)."""
+    cdef Py_ssize_t chunk = 512
+    while (n + chunk - 1) // chunk > 256:
+        chunk *= 2
+    return chunk
+
+
+def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
+                         const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
+                         const double[::1] value_centroids, const float[::1] value_norms,
+                         const float[:, ::1] queries, double scale, double[:, ::1] out, int n_threads):
+    """Softmax attention over MSE-coded keys and values in one pass, float32.
+
+    ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
+    ``k_i = key_norms[i] * key_centroids[key index(i, :)]`` and ``v_i`` alike,
+    all in the codes' rotated domains (``queries`` rotated like the keys,
+    ``out`` in the values' domain). Scores, the softmax numerators (a float32
+    exponential) and weighted sums are computed per chunk of rows inside one
+    parallel region; chunk sums are combined in chunk order, so the result
+    does not depend on the thread count. Codes of 1 to 4 bits only.
+
+    Parameters
+    ----------
+    key_codes : (n, ceil(d*key_bits/8)) uint8
+    key_bits, value_bits : int in 1..4
+    key_centroids, value_centroids : (2**bits,) float64
+    key_norms, value_norms : (n,) float32
+    value_codes : (n, ceil(d*value_bits/8)) uint8
+    queries : (m, d) float32
+    scale : float
+    out : (m, d) float64, written
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
+    cdef Py_ssize_t key_bytes = key_codes.shape[1], value_bytes = value_codes.shape[1]
+    cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks, c, q, q0, i, j, start, count
+    cdef int team
+    cdef float high
+    cdef double total
+    cdef float key_cents[16]
+    cdef float value_cents[16]
+    cdef float* logits
+    cdef float* chunk_max
+    cdef double* chunk_sum
+    cdef double* scales
+    cdef float* partial
+    out[:, :] = 0.0
+    if n == 0 or m == 0:
+        return
+    n_chunks = (n + chunk - 1) // chunk
+    team = threads_for_codes(n * m * (key_bytes + value_bytes), min(n_threads, n_chunks))
+    centroids_f32(key_centroids, key_bits, key_cents)
+    centroids_f32(value_centroids, value_bits, value_cents)
+    logits = <float*> malloc(m * n * sizeof(float))
+    chunk_max = <float*> malloc(n_chunks * m * sizeof(float))
+    chunk_sum = <double*> malloc(n_chunks * m * sizeof(double))
+    scales = <double*> malloc(2 * n * sizeof(double))
+    partial = <float*> malloc(n_chunks * m * d * sizeof(float))
+    try:
+        if not (logits and chunk_max and chunk_sum and scales and partial):
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                scales[i] = key_norms[i] * scale        # the scores come out as logits
+                scales[n + i] = value_norms[i]
+            # Logits and their maximum, per chunk.
+            for c in prange(n_chunks, num_threads=team, schedule="static"):
+                start = c * chunk
+                count = min(chunk, n - start)
+                for q in range(m):
+                    chunk_max[c * m + q] = -INFINITY
+                q0 = 0
+                while q0 < m:
+                    tq_lut_scores(&key_codes[start, 0], count, key_bytes, key_bits, key_cents,
+                                  &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
+                                  scales + start, logits + q0 * n + start, n, 0, chunk_max + c * m + q0)
+                    q0 = q0 + TQ_LUT_MAX_QUERIES
+            # Numerators exp(logit - max) and their weighted sums, per chunk.
+            for c in prange(n_chunks, num_threads=team, schedule="static"):
+                start = c * chunk
+                count = min(chunk, n - start)
+                for q in range(m):
+                    high = chunk_max[q]
+                    for j in range(1, n_chunks):
+                        if chunk_max[j * m + q] > high:
+                            high = chunk_max[j * m + q]
+                    chunk_sum[c * m + q] = tq_exp_shifted(logits + q * n + start, count, high)
+                    memset(partial + (c * m + q) * d, 0, d * sizeof(float))
+                    tq_lut_weighted_sum(&value_codes[start, 0], count, value_bytes, value_bits,
+                                        value_cents, logits + q * n + start, scales + n + start, d,
+                                        partial + (c * m + q) * d)
+            for q in range(m):
+                total = 0.0
+                for c in range(n_chunks):
+                    total = total + chunk_sum[c * m + q]
+                    for j in range(d):
+                        out[q, j] += partial[(c * m + q) * d + j]
+                for j in range(d):
+                    out[q, j] = out[q, j] / total
+    finally:
+        free(logits)
+        free(chunk_max)
+        free(chunk_sum)
+        free(scales)
         free(partial)
 
 

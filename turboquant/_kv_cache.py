@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from . import _core
 from ._errors import InvalidParameterError, LengthMismatchError, NonFiniteError, ShapeError
 from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
 from ._quantizers import TurboQuantMSE, TurboQuantProd
@@ -29,6 +30,8 @@ from ._validation import FLOAT32_MAX, as_rows
 
 FULL_PRECISION = np.float32
 VALUE_PREFIX = "value."
+#: Codes of at most this many bits have float32 kernels (include/tq_lut.h).
+SMALL_CODE_BITS = 4
 
 
 def _layout_of(quantizer, prefix):
@@ -157,6 +160,14 @@ class _KeyCodec:
             out += self.center.astype(dtype)
         return out
 
+    def small_codes(self, arrays):
+        """``(quantizer, codes)`` when every key is an MSE code of at most
+        SMALL_CODE_BITS bits (the fused float32 attention kernel applies), else None."""
+        main, outlier = self.codes(arrays)
+        if outlier is None and isinstance(self.main, TurboQuantMSE) and self.main.bits <= SMALL_CODE_BITS:
+            return self.main, main
+        return None
+
     @property
     def nbytes(self):
         """Bytes of state beside the codes (the key center)."""
@@ -187,6 +198,12 @@ class _ValueCodec:
     def weighted_sum(self, arrays, weights, n_threads):
         codes = self.codes(arrays)
         return self.quantizer.weighted_sum_rows(codes.indices, codes.norms, weights, n_threads)
+
+    def small_codes(self, arrays):
+        """``(quantizer, codes)`` when the values have at most SMALL_CODE_BITS bits, else None."""
+        if self.quantizer.bits <= SMALL_CODE_BITS:
+            return self.quantizer, self.codes(arrays)
+        return None
 
     def codes(self, arrays):
         """Value codes over the quantized region's ``arrays``."""
@@ -509,7 +526,11 @@ class QuantizedKVCache:
         scale = _check_scale(scale, self.dim)
         n_threads = resolve_n_threads(n_threads)
         n_sinks, n_quant, n_recent = len(self._sinks), len(self._quantized), len(self._recent)
-        if n_sinks + n_quant + n_recent == 0:
+        fused = (queries.dtype == np.float32 and n_quant and not n_sinks and not n_recent
+                 and self._fused_output(queries, scale, n_threads))
+        if fused:
+            out = fused[0]
+        elif n_sinks + n_quant + n_recent == 0:
             out = np.zeros((queries.shape[0], self.dim))
         else:
             weights = self._weights(queries, scale, n_threads)
@@ -525,6 +546,22 @@ class QuantizedKVCache:
                 out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
         out = out.astype(queries.dtype, copy=False)
         return out[0] if was_1d else out
+
+    def _fused_output(self, queries, scale, n_threads):
+        """``(output,)`` from the fused float32 kernel when every token is quantized
+        with small MSE codes, else None. A key center only shifts every score of
+        a query by the same amount, which the softmax ignores."""
+        views = self._quantized.views()
+        keys, values = self._keys.small_codes(views), self._values.small_codes(views)
+        if keys is None or values is None:
+            return None
+        (key_quantizer, key_codes), (value_quantizer, value_codes) = keys, values
+        rotated = np.empty((queries.shape[0], self.dim))
+        _core.small_code_attention(
+            key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
+            value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids,
+            value_codes.norms, key_quantizer.rotate(queries, n_threads), scale, rotated, n_threads)
+        return (value_quantizer.unrotate(rotated, n_threads),)
 
     def _reconstruct(self, which, dtype, n_threads):
         dtype = np.dtype(dtype)
