@@ -24,6 +24,14 @@
 #define TQ_NAME(name) TQ_NAME__(name, TQ_SUFFIX)
 #define TQ_BODY(name) TQ_NAME__(TQ_NAME(name), body)
 
+/* (a, b) <- (a + b, a - b) */
+#define TQ_BUTTERFLY(type, a, b) \
+    do {                         \
+        const type lo_ = (a);    \
+        (a) = lo_ + (b);         \
+        (b) = lo_ - (b);         \
+    } while (0)
+
 #define TQ_T float
 #define TQ_SUFFIX f
 #include "tq_hadamard_typed.h"

@@ -4,6 +4,8 @@
  * TQ_NAME(name) its name for that type; no include guard on purpose.
  */
 
+typedef TQ_LANES(TQ_T) TQ_NAME(tq_lanes);
+
 /* One pass of log2(radix) butterfly stages, of strides h, 2h, .. over a
  * power-of-two block of `length` tile rows: each coordinate is loaded and
  * stored once for up to three stages. The pass may first multiply its inputs
@@ -13,28 +15,77 @@ TQ_INLINE void TQ_NAME(tq_pass)(TQ_T *v, ptrdiff_t length, ptrdiff_t h, const in
                                const TQ_T *signs, TQ_T scale, const int use_signs,
                                const int use_scale)
 {
+    /* Element m of a butterfly group is tile row j + m h; radix is a constant
+     * here, so the unused elements vanish; a whole tile row is one vector value. */
+    const ptrdiff_t w = h * TQ_TILE;
     for (ptrdiff_t i = 0; i < length; i += radix * h) {
         for (ptrdiff_t j = i; j < i + h; j++) {
             TQ_T *p = v + j * TQ_TILE;
-            TQ_IVDEP
-            for (int l = 0; l < TQ_TILE; l++) {
-                TQ_T a[8];
-                for (int m = 0; m < radix; m++) {
-                    a[m] = p[m * h * TQ_TILE + l];
-                    if (use_signs)
-                        a[m] *= signs[j + m * h];
+            TQ_T s0 = 1, s1 = 1, s2 = 1, s3 = 1, s4 = 1, s5 = 1, s6 = 1, s7 = 1;
+            if (use_signs) {
+                s0 = signs[j];
+                if (radix >= 2) s1 = signs[j + h];
+                if (radix >= 4) { s2 = signs[j + 2 * h]; s3 = signs[j + 3 * h]; }
+                if (radix >= 8) {
+                    s4 = signs[j + 4 * h]; s5 = signs[j + 5 * h];
+                    s6 = signs[j + 6 * h]; s7 = signs[j + 7 * h];
                 }
-                for (int s = 1; s < radix; s *= 2) {
-                    for (int m = 0; m < radix; m++) {
-                        if (!(m & s)) {
-                            const TQ_T lo = a[m], hi = a[m + s];
-                            a[m] = lo + hi;
-                            a[m + s] = lo - hi;
-                        }
-                    }
+            }
+            for (int l = 0; l < TQ_TILE; l += TQ_LANE_STEP) {
+                typedef TQ_NAME(tq_lanes) lanes;
+                lanes a0 = *(lanes *)(p + l), a1 = a0, a2 = a0, a3 = a0;
+                lanes a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                if (radix >= 2) a1 = *(lanes *)(p + w + l);
+                if (radix >= 4) {
+                    a2 = *(lanes *)(p + 2 * w + l);
+                    a3 = *(lanes *)(p + 3 * w + l);
                 }
-                for (int m = 0; m < radix; m++)
-                    p[m * h * TQ_TILE + l] = use_scale ? a[m] * scale : a[m];
+                if (radix >= 8) {
+                    a4 = *(lanes *)(p + 4 * w + l);
+                    a5 = *(lanes *)(p + 5 * w + l);
+                    a6 = *(lanes *)(p + 6 * w + l);
+                    a7 = *(lanes *)(p + 7 * w + l);
+                }
+                if (use_signs) {
+                    a0 *= s0;
+                    if (radix >= 2) a1 *= s1;
+                    if (radix >= 4) { a2 *= s2; a3 *= s3; }
+                    if (radix >= 8) { a4 *= s4; a5 *= s5; a6 *= s6; a7 *= s7; }
+                }
+                if (radix >= 2) {
+                    TQ_BUTTERFLY(lanes, a0, a1);
+                    TQ_BUTTERFLY(lanes, a2, a3);
+                    TQ_BUTTERFLY(lanes, a4, a5);
+                    TQ_BUTTERFLY(lanes, a6, a7);
+                }
+                if (radix >= 4) {
+                    TQ_BUTTERFLY(lanes, a0, a2);
+                    TQ_BUTTERFLY(lanes, a1, a3);
+                    TQ_BUTTERFLY(lanes, a4, a6);
+                    TQ_BUTTERFLY(lanes, a5, a7);
+                }
+                if (radix >= 8) {
+                    TQ_BUTTERFLY(lanes, a0, a4);
+                    TQ_BUTTERFLY(lanes, a1, a5);
+                    TQ_BUTTERFLY(lanes, a2, a6);
+                    TQ_BUTTERFLY(lanes, a3, a7);
+                }
+                if (use_scale) {
+                    a0 *= scale; a1 *= scale; a2 *= scale; a3 *= scale;
+                    a4 *= scale; a5 *= scale; a6 *= scale; a7 *= scale;
+                }
+                *(lanes *)(p + l) = a0;
+                if (radix >= 2) *(lanes *)(p + w + l) = a1;
+                if (radix >= 4) {
+                    *(lanes *)(p + 2 * w + l) = a2;
+                    *(lanes *)(p + 3 * w + l) = a3;
+                }
+                if (radix >= 8) {
+                    *(lanes *)(p + 4 * w + l) = a4;
+                    *(lanes *)(p + 5 * w + l) = a5;
+                    *(lanes *)(p + 6 * w + l) = a6;
+                    *(lanes *)(p + 7 * w + l) = a7;
+                }
             }
         }
     }

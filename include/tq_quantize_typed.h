@@ -189,7 +189,21 @@ TQ_INLINE void TQ_NAME(tq_pack)(const TQ_T *u, ptrdiff_t j0, ptrdiff_t j1, const
     }
 }
 
-TQ_DEFINE_LOAD(TQ_NAME(tq_load_same), TQ_T, TQ_T)
+TQ_DEFINE_LOAD(TQ_NAME(tq_load_lanes), TQ_T, TQ_T)
+
+/* tq_load_lanes of all d coordinates; full float tiles by 16 x 16 transposes. */
+TQ_INLINE void TQ_NAME(tq_load_same)(TQ_T *tile, const TQ_T *x, ptrdiff_t count, ptrdiff_t d)
+{
+    ptrdiff_t done = 0;
+#ifdef TQ_HAVE_TRANSPOSE16
+    if (sizeof(TQ_T) == sizeof(float) && count == TQ_TILE) {
+        for (; done + 16 <= d; done += 16)
+            tq_transpose16_f((float *)tile + done * TQ_TILE, (const float *)x + done, d);
+    }
+#endif
+    if (done < d)
+        TQ_NAME(tq_load_lanes)(tile + done * TQ_TILE, x, count, d, done, d);
+}
 TQ_DEFINE_RESIDUAL(TQ_NAME(tq_residual_same), TQ_T, TQ_T, TQ_NAME(tq_cell))
 TQ_DEFINE_RESIDUAL(TQ_NAME(tq_residual_double), double, TQ_T, tq_cell_d)
 
@@ -212,7 +226,7 @@ TQ_INLINE void TQ_BODY(tq_hadamard_quantize)(
     const double factor = 1.0 / sqrt((double)block);
     double norm[TQ_TILE], inv[TQ_TILE];
     (void)variant;
-    TQ_NAME(tq_load_same)(tile, x, count, d, 0, d);
+    TQ_NAME(tq_load_same)(tile, x, count, d);
     TQ_NAME(tq_tile_norms)(tile, d, norm, inv);
     for (ptrdiff_t l = 0; l < count; l++)
         norms[l] = norm[l];

@@ -70,6 +70,17 @@ static inline int tq_best_variant(void) { return TQ_PORTABLE; }
     static void name params { name##_body args; }
 #endif
 
+/* GCC and clang spell a whole tile row as one vector value (TQ_LANES(type)),
+ * which they lower to the widest registers of each variant; elsewhere a tile
+ * row is processed one lane at a time. Loops over lanes step by TQ_LANE_STEP. */
+#if defined(__GNUC__) || defined(__clang__)
+#define TQ_LANES(type) type __attribute__((vector_size(TQ_TILE * sizeof(type)), aligned(sizeof(type)), may_alias))
+#define TQ_LANE_STEP TQ_TILE
+#else
+#define TQ_LANES(type) type
+#define TQ_LANE_STEP 1
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define TQ_IVDEP _Pragma("GCC ivdep")
 #elif defined(__clang__)
@@ -101,6 +112,48 @@ static inline int tq_best_variant(void) { return TQ_PORTABLE; }
             for (ptrdiff_t j = 0; j < d; j++)                                         \
                 out[l * d + j] = (out_t)tile[j * TQ_TILE + l];                        \
     }
+
+/* A full tile of float rows, coordinates [j0, j0 + 16), loaded as sixteen
+ * vectors and transposed in registers (four rounds of two-vector shuffles, each
+ * swapping one bit of the row index with the same bit of the column index). */
+#if defined(__has_builtin) && TQ_TILE == 16 && TQ_LANE_STEP == TQ_TILE
+#if __has_builtin(__builtin_shufflevector)
+#define TQ_HAVE_TRANSPOSE16 1
+typedef TQ_LANES(float) tq_lanes16_f;
+
+#define TQ_SWAP_BITS(r, t, k, ...)                                                   \
+    for (int i_ = 0; i_ < 16; i_++)                                                  \
+        if (!(i_ & (k)))                                                             \
+            TQ_SWAP_PAIR(r[i_], r[i_ + (k)], t[i_], t[i_ + (k)], __VA_ARGS__)
+#define TQ_SWAP_PAIR(a, b, lo, hi, ...) TQ_SWAP_PAIR_(a, b, lo, hi, __VA_ARGS__)
+#define TQ_SWAP_PAIR_(a, b, lo, hi, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11,   \
+                      l12, l13, l14, l15, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, \
+                      h11, h12, h13, h14, h15)                                         \
+    {                                                                                  \
+        lo = __builtin_shufflevector(a, b, l0, l1, l2, l3, l4, l5, l6, l7, l8, l9,    \
+                                     l10, l11, l12, l13, l14, l15);                    \
+        hi = __builtin_shufflevector(a, b, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,    \
+                                     h10, h11, h12, h13, h14, h15);                    \
+    }
+
+TQ_INLINE void tq_transpose16_f(float *tile, const float *x, ptrdiff_t d)
+{
+    tq_lanes16_f r[16], t[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = *(const tq_lanes16_f *)(x + i * d);
+    TQ_SWAP_BITS(r, t, 1, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30,
+                 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    TQ_SWAP_BITS(t, r, 2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29,
+                 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    TQ_SWAP_BITS(r, t, 4, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27,
+                 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    TQ_SWAP_BITS(t, r, 8, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23,
+                 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 16; i++)
+        *(tq_lanes16_f *)(tile + i * TQ_TILE) = r[i];
+}
+#endif
+#endif
 
 /* Names of the variants, by number (for introspection and tests). */
 static inline const char *tq_variant_name(int variant)
