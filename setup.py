@@ -89,6 +89,9 @@ DIRECTIVES = {
     "autotestdict": False,
 }
 OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
+# Kernel variants for different instruction sets must round alike (include/tq_tile.h):
+# never contract a multiply and an add into an FMA.
+FP_FLAGS = ["-ffp-contract=off"]
 
 extensions = [
     Extension(
@@ -96,7 +99,7 @@ extensions = [
         sources=["turboquant/_core.pyx"],
         include_dirs=["include", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=[] if sys.platform == "win32" else OPT,
+        extra_compile_args=[] if sys.platform == "win32" else OPT + FP_FLAGS,
     )
 ]
 

@@ -465,6 +465,8 @@ def parallel_case(kernel, bits, dtype):
             return [out]
         if kernel == "hadamard_rotate":
             return [run_hadamard(x, signs, 64, inverse, n_threads) for inverse in (False, True)]
+        if kernel == "hadamard_quantize_pack":
+            return list(hadamard_quantize(x, signs, 64, boundaries, centroids, bits, n_threads))
         if kernel == "quantize_pack":
             codes, residual = np.empty((n, width), np.uint8), np.empty((n, d), dtype)
             _core.quantize_pack(x, scales, boundaries, centroids, bits, codes, residual, True, n_threads)
@@ -495,7 +497,8 @@ def parallel_case(kernel, bits, dtype):
     return run
 
 
-PARALLEL_KERNELS = ["row_norms", "hadamard_rotate", "quantize_pack", "pack_indices", "unpack_indices",
+PARALLEL_KERNELS = ["row_norms", "hadamard_rotate", "hadamard_quantize_pack", "quantize_pack",
+                    "pack_indices", "unpack_indices",
                     "dequantize_rows", "lut_inner_products", "lut_weighted_sum"]
 
 
@@ -521,3 +524,122 @@ def test_more_threads_than_rows(n_threads):
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     tolerance = 16 * (np.log2(dim) + 2) * EPS64 * norms
     assert np.all(np.abs(out - reference_hadamard(x, signs, block, False)) <= tolerance)
+
+
+# -- fused Hadamard quantization ------------------------------------------------------------
+def hadamard_quantize(x, signs, block, boundaries, centroids, bits, n_threads, want_residual=True):
+    n, d = x.shape
+    norms = np.full(n, np.nan)
+    codes = np.full((n, packed_width(d, bits)), 0x5A, dtype=np.uint8)
+    residual = np.full((n, d) if want_residual else (0, 0), np.nan, dtype=x.dtype)
+    _core.hadamard_quantize_pack(readonly(x), readonly(signs), block, readonly(boundaries),
+                                 readonly(centroids), bits, norms, codes, residual, want_residual,
+                                 n_threads)
+    return norms, codes, residual
+
+
+FUSED_ROWS = [1, 15, 16, 17, 97]                    # around the 16-row tile
+FUSED_DIMS = [2, 3, 5, 16, 80, 97, 128, 130]
+
+
+def fused_case(n, dim, bits, dtype):
+    """Signs, a codebook scaled to unit vectors in R^dim, and (n, dim) Gaussian rows."""
+    rng, signs, block = hadamard_setup(dim, 2, n * dim + bits)
+    centroids, boundaries = random_codebook(rng, bits)
+    x = rng.standard_normal((n, dim)).astype(dtype)
+    return rng, signs, block, centroids / np.sqrt(dim), boundaries / np.sqrt(dim), x
+
+
+@pytest.mark.parametrize("n", FUSED_ROWS)
+@pytest.mark.parametrize("dim", FUSED_DIMS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_hadamard_quantize_pack_float64_is_the_separate_kernels(n, dim, bits):
+    rng, signs, block, centroids, boundaries, x = fused_case(n, dim, bits, np.float64)
+    x[0] = 0.0                                          # a zero row quantizes as 0
+    norms, codes, residual = hadamard_quantize(x, signs, block, boundaries, centroids, bits, 1)
+    expected_norms = np.empty(n)
+    _core.row_norms(x, expected_norms, 1)
+    rotated = run_hadamard(x, signs, block, False, 1)
+    expected_codes = np.empty_like(codes)
+    expected_residual = np.empty_like(residual)
+    _core.quantize_pack(rotated, expected_norms, boundaries, centroids, bits, expected_codes,
+                        expected_residual, True, 1)
+    assert np.array_equal(norms, expected_norms)
+    assert np.array_equal(codes, expected_codes)
+    assert np.array_equal(residual, expected_residual)
+
+
+@pytest.mark.parametrize("n", FUSED_ROWS)
+@pytest.mark.parametrize("dim", FUSED_DIMS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_hadamard_quantize_pack_float32_differs_only_at_ties(n, dim, bits):
+    rng, signs, block, centroids, boundaries, x = fused_case(n, dim, bits, np.float32)
+    norms, codes, residual = hadamard_quantize(x, signs, block, boundaries, centroids, bits, 1)
+    expected_norms = np.empty(n)
+    _core.row_norms(x, expected_norms, 1)
+    assert np.array_equal(norms, expected_norms)        # summed in double either way
+    u = reference_hadamard(x, signs, block, False) / expected_norms[:, None]
+    index = reference_unpack(codes, bits, dim)
+    expected_index = np.searchsorted(boundaries, u, side="left")
+    mismatch = index != expected_index
+    # float32 normalization and rotation err by about log2(d) eps32 per unit coordinate.
+    distance = np.min(np.abs(u[mismatch][:, None] - boundaries[None, :]), axis=1, initial=np.inf)
+    assert np.all(distance <= 32 * (np.log2(dim) + 2) * EPS32 / np.sqrt(dim) + 4 * EPS32), distance
+    np.testing.assert_allclose(residual, u - centroids[index], atol=64 * (np.log2(dim) + 2) * EPS32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hadamard_quantize_pack_rows_do_not_depend_on_their_tile(dtype):
+    rng, signs, block = hadamard_setup(97, 2, 5)
+    centroids, boundaries = random_codebook(rng, 3)
+    x = rng.standard_normal((40, 97)).astype(dtype)
+    together = hadamard_quantize(x, signs, block, boundaries, centroids, 3, 2)
+    for start, stop in [(0, 1), (3, 20), (17, 40)]:
+        alone = hadamard_quantize(x[start:stop], signs, block, boundaries, centroids, 3, 1)
+        for whole, part in zip(together, alone):
+            assert np.array_equal(whole[start:stop], part)
+
+
+# -- kernel variants (portable C, AVX2, AVX-512) ---------------------------------------------
+@pytest.fixture
+def restore_variant():
+    before = _core._kernel_variant()
+    yield
+    _core._set_kernel_variant(before)
+
+
+def variant_outputs(dtype, bits):
+    """Every variant-dispatched kernel on one input, as a list of arrays."""
+    rng, signs, block = hadamard_setup(130, 2, bits)
+    centroids, boundaries = random_codebook(rng, bits)
+    centroids, boundaries = centroids / np.sqrt(130), boundaries / np.sqrt(130)
+    x = (rng.standard_normal((37, 130)) * rng.uniform(0.1, 10.0, size=(37, 1))).astype(dtype)
+    outputs = list(hadamard_quantize(x, signs, block, boundaries, centroids, bits, 2))
+    outputs += list(hadamard_quantize(x[:, :128], signs[:, :128], 128, boundaries, centroids, bits, 2))
+    outputs += [run_hadamard(x, signs, block, inverse, 2) for inverse in (False, True)]
+    norms = rng.uniform(0.5, 2.0, size=37)
+    codes = np.empty((37, packed_width(130, bits)), dtype=np.uint8)
+    residual = np.empty_like(x)
+    _core.quantize_pack(x, norms, boundaries, centroids, bits, codes, residual, True, 2)
+    return outputs + [codes, residual]
+
+
+def test_kernel_variants_are_listed(restore_variant):
+    variants = _core._kernel_variants()
+    assert variants[0] == "portable" and _core._kernel_variant() == variants[-1]
+    assert set(variants) <= {"portable", "avx2", "avx512"}
+    with pytest.raises(ValueError, match="kernel variant must be one of"):
+        _core._set_kernel_variant("sse9")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
+def test_kernel_variants_are_bit_identical(dtype, bits, restore_variant):
+    results = {}
+    for variant in _core._kernel_variants():
+        _core._set_kernel_variant(variant)
+        results[variant] = variant_outputs(dtype, bits)
+    for variant, outputs in results.items():
+        for got, expected in zip(outputs, results["portable"]):
+            assert got.dtype == expected.dtype
+            assert np.array_equal(got, expected, equal_nan=True), variant

@@ -15,15 +15,42 @@ little-endian bit stream; index ``j`` occupies bits ``j*bits .. j*bits+bits-1``
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, fabs, sqrt
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-cdef extern from "tq_hadamard.h" nogil:
+cdef extern from "tq_quantize.h" nogil:
     const int TQ_TILE
-    void tq_hadamard_tile(double* v, const double* signs, Py_ssize_t rounds, Py_ssize_t d,
-                          Py_ssize_t block, int inverse)
+    const int TQ_CHUNK
+    int tq_best_variant()
+    const char* tq_variant_name(int variant)
+    float tq_float_bound(double b)
+    double tq_row_norm_f(const float* row, Py_ssize_t d)
+    double tq_row_norm_d(const double* row, Py_ssize_t d)
+    void tq_hadamard_rotate_f(int variant, const float* x, float* out, Py_ssize_t count,
+                              Py_ssize_t d, const double* signs, Py_ssize_t rounds,
+                              Py_ssize_t block, int inverse, double* tile)
+    void tq_hadamard_rotate_d(int variant, const double* x, double* out, Py_ssize_t count,
+                              Py_ssize_t d, const double* signs, Py_ssize_t rounds,
+                              Py_ssize_t block, int inverse, double* tile)
+    void tq_hadamard_quantize_f(int variant, const float* x, Py_ssize_t count, Py_ssize_t d,
+                                const float* signs, Py_ssize_t rounds, Py_ssize_t block,
+                                const float* bounds, int bits, const double* centroids,
+                                double* norms, uint8_t* codes, Py_ssize_t row_bytes,
+                                float* residual, float* tile)
+    void tq_hadamard_quantize_d(int variant, const double* x, Py_ssize_t count, Py_ssize_t d,
+                                const double* signs, Py_ssize_t rounds, Py_ssize_t block,
+                                const double* bounds, int bits, const double* centroids,
+                                double* norms, uint8_t* codes, Py_ssize_t row_bytes,
+                                double* residual, double* tile)
+    void tq_quantize_rows_f(int variant, const float* y, Py_ssize_t count, Py_ssize_t d,
+                            const double* norms, const double* bounds, int bits,
+                            const double* centroids, uint8_t* codes, Py_ssize_t row_bytes,
+                            float* residual, double* tile)
+    void tq_quantize_rows_d(int variant, const double* y, Py_ssize_t count, Py_ssize_t d,
+                            const double* norms, const double* bounds, int bits,
+                            const double* centroids, uint8_t* codes, Py_ssize_t row_bytes,
+                            double* residual, double* tile)
 
 cdef extern from "tq_lut.h" nogil:
     enum:
@@ -60,6 +87,34 @@ def max_threads():
 def num_procs():
     """Return the number of processors OpenMP sees; 1 without OpenMP."""
     return tq_num_procs()
+
+
+# Kernel variants (portable C, AVX2, AVX-512; see include/tq_tile.h): all give
+# bit-identical results, so the choice changes speed only.
+cdef int BEST_VARIANT = tq_best_variant()
+cdef int kernel_variant = BEST_VARIANT
+
+
+def _kernel_variants():
+    """Names of the kernel variants this CPU can run, the portable C one first."""
+    return [tq_variant_name(v).decode() for v in range(BEST_VARIANT + 1)]
+
+
+def _kernel_variant():
+    """Name of the kernel variant in use (the fastest by default)."""
+    return tq_variant_name(kernel_variant).decode()
+
+
+def _set_kernel_variant(name):
+    """Use the kernel variant ``name`` (one of :func:`_kernel_variants`); for tests.
+
+    Not thread-safe: set it while no kernel runs.
+    """
+    global kernel_variant
+    names = _kernel_variants()
+    if name not in names:
+        raise ValueError(f"kernel variant must be one of {names}, got {name!r}")
+    kernel_variant = names.index(name)
 
 
 # Below this many inner-loop steps a parallel region costs more than it saves
@@ -99,128 +154,15 @@ cdef inline void write_index(uint8_t* row, Py_ssize_t j, int bits,
         row[byte + 1] |= <uint8_t> (value >> (8 - shift))
 
 
-cdef struct CellSearch:
-    # Uniform buckets over the boundaries' range. ``start[b]`` never exceeds the
-    # number of boundaries below a value in bucket ``b``, and at most ``max_scan``
-    # more boundaries can lie below it; ``padded`` is the boundaries followed by
-    # ``max_scan + 1`` copies of +inf, so the scan needs no bounds check.
-    int n_buckets
-    int max_scan
-    double low
-    double inv_width
-    int* start
-    double* padded
-
-
-cdef int cell_search_init(CellSearch* search, const double* boundaries, int levels) except -1:
-    cdef int n_buckets, n_boundaries = levels - 1, b, k = 0, scan = 0
-    cdef double low = boundaries[0], high = boundaries[n_boundaries - 1], width, edge
-    cdef double min_gap
-    if not high > low:
-        low -= 1.0
-        high += 1.0
-    min_gap = high - low
-    for k in range(n_boundaries - 1):
-        if boundaries[k + 1] - boundaries[k] < min_gap:
-            min_gap = boundaries[k + 1] - boundaries[k]
-    k = 0
-    # Buckets of a quarter of the smallest gap: a bucket and its half-bucket of
-    # slack (1.5 widths) then hold at most one boundary, so the scan is one compare.
-    n_buckets = <int> min(max(4.0 * (high - low) / min_gap, 16.0), 65536.0)
-    width = (high - low) / n_buckets
-    search.start = <int*> malloc((n_buckets + 1) * sizeof(int))
-    search.padded = NULL
-    if search.start == NULL:
-        raise MemoryError()
-    search.n_buckets = n_buckets
-    search.low = low
-    search.inv_width = 1.0 / width
-    for b in range(n_buckets):
-        # Half a bucket of slack absorbs rounding in the bucket computation.
-        edge = low + (b - 0.5) * width
-        while k < n_boundaries and boundaries[k] < edge:
-            k += 1
-        search.start[b] = k
-    search.start[n_buckets] = n_boundaries
-    for b in range(n_buckets):
-        scan = max(scan, search.start[min(b + 2, n_buckets)] - search.start[b])
-    search.max_scan = scan
-    search.padded = <double*> malloc((n_boundaries + scan + 1) * sizeof(double))
-    if search.padded == NULL:
-        free(search.start)
-        raise MemoryError()
-    for k in range(n_boundaries):
-        search.padded[k] = boundaries[k]
-    for k in range(n_boundaries, n_boundaries + scan + 1):
-        search.padded[k] = INFINITY
-    return 0
-
-
-cdef void cell_search_free(CellSearch* search) noexcept:
-    free(search.start)
-    free(search.padded)
-
-
-cdef inline uint32_t search_cell(const int* bucket_start, const double* padded, int max_scan,
-                                 double low, double inv_width, double last_bucket,
-                                 double u) noexcept nogil:
-    """Number of boundaries strictly below ``u``: a bucket lookup, then a short
-    branch-free count (see :c:type:`CellSearch`; its fields are passed by value
-    so the compiler keeps them in registers)."""
-    cdef double position = (u - low) * inv_width
-    cdef int start, idx, step
-    # Plain compares, not fmin/fmax: those must honour NaN and become calls.
-    position = position if position > 0.0 else 0.0
-    position = position if position < last_bucket else last_bucket
-    start = bucket_start[<int> position]
-    if max_scan == 1:
-        return <uint32_t> (start + (padded[start] < u))
-    idx = start
-    # The boundaries are sorted, so counting those below u among the next
-    # max_scan ones finishes the search; the compares are independent.
-    for step in range(max_scan):
-        idx += padded[start + step] < u
-    return <uint32_t> idx
-
-
 # ---------------------------------------------------------------------------
 # Norms
 # ---------------------------------------------------------------------------
 
-cdef inline double scaled_norm(const floating* row, Py_ssize_t d) noexcept nogil:
-    """Two-pass norm that neither overflows nor underflows (for extreme float64
-    rows); NaN or infinity anywhere gives a non-finite result."""
-    cdef Py_ssize_t j
-    cdef double scale = 0.0, acc = 0.0, v
-    for j in range(d):
-        v = fabs(row[j])
-        if v > scale or v != v:
-            scale = v  # NaN propagates to the result
-    if scale == 0.0:
-        return 0.0
-    for j in range(d):
-        v = row[j] / scale
-        acc += v * v
-    return scale * sqrt(acc)
-
-
 cdef inline double row_norm(const floating* row, Py_ssize_t d) noexcept nogil:
-    """One pass of squares in double; redone with scaling when the sum leaves
-    the safe range of double (only possible for float64 input)."""
-    cdef Py_ssize_t j, tail = d - d % 4
-    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, acc
-    # Four partial sums in a fixed order: no long chain of dependent additions.
-    for j in range(0, tail, 4):
-        a0 += (<double> row[j]) * row[j]
-        a1 += (<double> row[j + 1]) * row[j + 1]
-        a2 += (<double> row[j + 2]) * row[j + 2]
-        a3 += (<double> row[j + 3]) * row[j + 3]
-    for j in range(tail, d):
-        a0 += (<double> row[j]) * row[j]
-    acc = (a0 + a1) + (a2 + a3)
-    if acc < 1e300 and acc > 1e-280:
-        return sqrt(acc)
-    return scaled_norm(row, d)
+    if floating is float:
+        return tq_row_norm_f(row, d)
+    else:
+        return tq_row_norm_d(row, d)
 
 
 def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
@@ -241,20 +183,12 @@ def row_norms(const floating[:, ::1] x, double[::1] out, int n_threads):
 
 
 # ---------------------------------------------------------------------------
-# Randomized Hadamard rotation
+# Randomized Hadamard rotation and quantization (include/tq_quantize.h)
 # ---------------------------------------------------------------------------
 
-cdef inline Py_ssize_t load_tile(const floating[:, ::1] x, Py_ssize_t first,
-                                 double* tile) noexcept nogil:
-    """Rows ``first ..`` of ``x`` (at most TQ_TILE) into a transposed tile; unused
-    lanes are zero. Returns the number of rows loaded."""
-    cdef Py_ssize_t d = x.shape[1], count = min(<Py_ssize_t> TQ_TILE, x.shape[0] - first), j, lane
-    for j in range(d):
-        for lane in range(count):
-            tile[j * TQ_TILE + lane] = x[first + lane, j]
-        for lane in range(count, TQ_TILE):
-            tile[j * TQ_TILE + lane] = 0.0
-    return count
+cdef inline void* scratch_start(void* block) noexcept nogil:
+    """First 64-byte aligned address of a block allocated with 64 spare bytes."""
+    return <void*> ((<uintptr_t> block + 63) & ~(<uintptr_t> 63))
 
 
 def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
@@ -277,78 +211,27 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
     n_threads : int >= 1
     """
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], rounds = signs.shape[0]
-    cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, j, lane, count
+    cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, first, count
     cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
+    cdef int variant = kernel_variant
     cdef double* tile
     # One transposed tile of TQ_TILE rows per thread, indexed by the OpenMP thread number.
-    cdef double* scratch = <double*> malloc(team * TQ_TILE * d * sizeof(double))
+    cdef void* scratch = malloc(team * TQ_TILE * d * sizeof(double) + 64)
     if scratch == NULL:
         raise MemoryError()
     try:
         for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
-            tile = scratch + tq_thread_num() * TQ_TILE * d
-            count = load_tile(x, t * TQ_TILE, tile)
-            tq_hadamard_tile(tile, &signs[0, 0], rounds, d, block, inverse)
-            for lane in range(count):
-                for j in range(d):
-                    out[t * TQ_TILE + lane, j] = <floating> tile[j * TQ_TILE + lane]
+            tile = <double*> scratch_start(scratch) + tq_thread_num() * TQ_TILE * d
+            first = t * TQ_TILE
+            count = min(<Py_ssize_t> TQ_TILE, n - first)
+            if floating is float:
+                tq_hadamard_rotate_f(variant, &x[first, 0], &out[first, 0], count, d,
+                                     &signs[0, 0], rounds, block, inverse, tile)
+            else:
+                tq_hadamard_rotate_d(variant, &x[first, 0], &out[first, 0], count, d,
+                                     &signs[0, 0], rounds, block, inverse, tile)
     finally:
         free(scratch)
-
-
-# ---------------------------------------------------------------------------
-# Scalar quantization and bit packing
-# ---------------------------------------------------------------------------
-
-cdef inline uint32_t cell_index(int bits, const int* bucket_start, const double* padded,
-                                int max_scan, double low, double inv_width, double last_bucket,
-                                double u) noexcept nogil:
-    """Cell of ``u``: direct compares for the one or three boundaries of 1 or 2
-    bits, the bucketed search otherwise."""
-    if bits == 1:
-        return padded[0] < u
-    if bits == 2:
-        return (padded[0] < u) + (padded[1] < u) + (padded[2] < u)
-    return search_cell(bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
-
-
-ctypedef fused rotated_t:
-    float
-    double
-
-
-cdef void quantize_row(const rotated_t* y, Py_ssize_t d, double inv, int bits,
-                       const int* bucket_start, const double* padded, int max_scan,
-                       double low, double inv_width, double last_bucket,
-                       const double* centroids, uint8_t* row, Py_ssize_t row_bytes,
-                       floating* residual) noexcept nogil:
-    """Quantize and pack one row (``residual`` may be NULL). A function of its
-    own so that the search parameters live in registers: stores through the
-    ``uint8_t`` row may alias any memory, including OpenMP's shared variables."""
-    cdef int per_byte = 8 // bits, k
-    cdef Py_ssize_t r, j
-    cdef uint32_t packed, idx
-    cdef double u
-    if byte_aligned(bits):
-        for r in range(row_bytes):
-            packed = 0
-            for k in range(per_byte):
-                j = r * per_byte + k
-                if j < d:
-                    u = y[j] * inv
-                    idx = cell_index(bits, bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
-                    packed = packed | (idx << (k * bits))
-                    if residual != NULL:
-                        residual[j] = <floating> (u - centroids[idx])
-            row[r] = <uint8_t> packed
-    else:
-        memset(row, 0, row_bytes)
-        for j in range(d):
-            u = y[j] * inv
-            idx = cell_index(bits, bucket_start, padded, max_scan, low, inv_width, last_bucket, u)
-            write_index(row, j, bits, idx)
-            if residual != NULL:
-                residual[j] = <floating> (u - centroids[idx])
 
 
 def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
@@ -357,8 +240,9 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
                   int n_threads):
     """Quantize ``y[i] / norms[i]`` coordinate-wise and bit-pack the cell indices.
 
-    The index of a value ``u`` is the number of boundaries strictly below it.
-    Rows with norm 0 are quantized as the zero vector.
+    The index of a value ``u`` (computed in double for both dtypes) is the
+    number of boundaries strictly below it. Rows with norm 0 are quantized as
+    the zero vector.
 
     Parameters
     ----------
@@ -372,17 +256,32 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
         ``y[i]/norms[i] - centroids[index]``
     n_threads : int >= 1
     """
-    cdef Py_ssize_t n = y.shape[0], d = y.shape[1], row_bytes = codes.shape[1], i
-    cdef CellSearch search
-    cell_search_init(&search, &boundaries[0], 1 << bits)
+    cdef Py_ssize_t n = y.shape[0], d = y.shape[1], row_bytes = codes.shape[1]
+    cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, first, count
+    cdef Py_ssize_t tile_size = TQ_TILE * min(d, <Py_ssize_t> TQ_CHUNK)
+    cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
+    cdef int variant = kernel_variant
+    cdef double* tile
+    cdef floating* res
+    cdef void* scratch = malloc(team * tile_size * sizeof(double) + 64)
+    if scratch == NULL:
+        raise MemoryError()
     try:
-        for i in prange(n, nogil=True, num_threads=threads_for(n * d, n_threads), schedule="static"):
-            quantize_row(&y[i, 0], d, 1.0 / norms[i] if norms[i] > 0.0 else 0.0, bits,
-                         search.start, search.padded, search.max_scan, search.low,
-                         search.inv_width, search.n_buckets - 1.0, &centroids[0],
-                         &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
+        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
+            tile = <double*> scratch_start(scratch) + tq_thread_num() * tile_size
+            first = t * TQ_TILE
+            count = min(<Py_ssize_t> TQ_TILE, n - first)
+            res = &residual[first, 0] if want_residual else NULL
+            if floating is float:
+                tq_quantize_rows_f(variant, &y[first, 0], count, d, &norms[first],
+                                   &boundaries[0], bits, &centroids[0], &codes[first, 0],
+                                   row_bytes, res, tile)
+            else:
+                tq_quantize_rows_d(variant, &y[first, 0], count, d, &norms[first],
+                                   &boundaries[0], bits, &centroids[0], &codes[first, 0],
+                                   row_bytes, res, tile)
     finally:
-        cell_search_free(&search)
+        free(scratch)
 
 
 def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
@@ -392,9 +291,12 @@ def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
                            bint want_residual, int n_threads):
     """Norms, randomized Hadamard rotation and quantization of every row in one pass.
 
-    Equivalent to :func:`row_norms`, :func:`hadamard_rotate` and
-    :func:`quantize_pack` in turn, without the intermediate rotated array (the
-    rotated row stays in double).
+    float64 rows give the results of :func:`row_norms`, :func:`hadamard_rotate`
+    and :func:`quantize_pack` in turn (without the intermediate rotated array).
+    float32 rows are computed in float32: each row is divided by its norm
+    (summed in double, as :func:`row_norms` does), rotated, and compared with the
+    boundaries exactly; so cells differ from the float64 computation only at
+    near-ties, and norms not at all.
 
     Parameters
     ----------
@@ -406,41 +308,53 @@ def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
     """
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], rounds = signs.shape[0]
     cdef Py_ssize_t row_bytes = codes.shape[1], n_tiles = (n + TQ_TILE - 1) // TQ_TILE
-    cdef Py_ssize_t t, i, j, lane, count
+    cdef Py_ssize_t n_bounds = boundaries.shape[0], t, first, count, k
     cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
-    cdef double* tile
-    cdef double* row
-    cdef double norm
-    cdef CellSearch search
-    # Per thread: a transposed tile of TQ_TILE rows, then one row gathered from it.
-    cdef double* scratch = <double*> malloc(team * (TQ_TILE + 1) * d * sizeof(double))
-    if scratch == NULL:
+    cdef int variant = kernel_variant
+    cdef floating* tile
+    cdef floating* res
+    cdef const floating* signs_t
+    cdef const floating* bounds_t
+    # Per thread a transposed tile of TQ_TILE rows; for float32 also the signs
+    # and the boundaries rounded down to float32 (tq_float_bound).
+    cdef void* scratch = malloc(team * TQ_TILE * d * sizeof(floating) + 64)
+    cdef float* signs32 = <float*> malloc(rounds * d * sizeof(float) + n_bounds * sizeof(float))
+    if scratch == NULL or signs32 == NULL:
+        free(scratch)
+        free(signs32)
         raise MemoryError()
     try:
-        cell_search_init(&search, &boundaries[0], 1 << bits)
-    except MemoryError:
-        free(scratch)
-        raise
-    try:
+        if floating is float:
+            for k in range(rounds * d):
+                signs32[k] = <float> (&signs[0, 0])[k]
+            for k in range(n_bounds):
+                signs32[rounds * d + k] = tq_float_bound(boundaries[k])
+            signs_t = signs32
+            bounds_t = signs32 + rounds * d
+        else:
+            signs_t = &signs[0, 0]
+            bounds_t = &boundaries[0]
         for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
-            tile = scratch + tq_thread_num() * (TQ_TILE + 1) * d
-            row = tile + TQ_TILE * d
-            count = load_tile(x, t * TQ_TILE, tile)
-            tq_hadamard_tile(tile, &signs[0, 0], rounds, d, block, 0)
-            for lane in range(count):
-                i = t * TQ_TILE + lane
-                norm = row_norm(&x[i, 0], d)
-                norms[i] = norm
-                for j in range(d):
-                    row[j] = tile[j * TQ_TILE + lane]
-                quantize_row(row, d, 1.0 / norm if norm > 0.0 else 0.0, bits,
-                             search.start, search.padded, search.max_scan, search.low,
-                             search.inv_width, search.n_buckets - 1.0, &centroids[0],
-                             &codes[i, 0], row_bytes, &residual[i, 0] if want_residual else NULL)
+            tile = <floating*> scratch_start(scratch) + tq_thread_num() * TQ_TILE * d
+            first = t * TQ_TILE
+            count = min(<Py_ssize_t> TQ_TILE, n - first)
+            res = &residual[first, 0] if want_residual else NULL
+            if floating is float:
+                tq_hadamard_quantize_f(variant, &x[first, 0], count, d, signs_t, rounds, block,
+                                       bounds_t, bits, &centroids[0], &norms[first],
+                                       &codes[first, 0], row_bytes, res, tile)
+            else:
+                tq_hadamard_quantize_d(variant, &x[first, 0], count, d, signs_t, rounds, block,
+                                       bounds_t, bits, &centroids[0], &norms[first],
+                                       &codes[first, 0], row_bytes, res, tile)
     finally:
-        cell_search_free(&search)
         free(scratch)
+        free(signs32)
 
+
+# ---------------------------------------------------------------------------
+# Bit packing
+# ---------------------------------------------------------------------------
 
 def unpack_indices(const uint8_t[:, ::1] codes, int bits, uint8_t[:, ::1] out,
                    int n_threads):
