@@ -513,7 +513,7 @@ DEF SMALL_CODE_ROWS = 256
 # The small-code kernels read about a code byte per nanosecond per thread: below
 # this many bytes (m queries x n rows x row bytes) waking a second thread costs
 # more than it saves.
-DEF MIN_PARALLEL_CODE_BYTES = 1 << 19
+DEF MIN_PARALLEL_CODE_BYTES = 1 << 20
 
 
 cdef inline int threads_for_codes(Py_ssize_t code_bytes, Py_ssize_t n_threads) noexcept nogil:

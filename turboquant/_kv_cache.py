@@ -78,6 +78,8 @@ class _KeyCodec:
         if self.outlier is not None:
             self.layout.update(_layout_of(self.outlier, "outlier."))
         self._views = _DerivedViews()
+        self._small = (self.outlier is None and isinstance(self.main, TurboQuantMSE)
+                       and self.main.bits <= SMALL_CODE_BITS)
         self.reset()
 
     def _quantizer(self, dim, bits, seed):
@@ -163,10 +165,7 @@ class _KeyCodec:
     def small_codes(self, arrays):
         """``(quantizer, codes)`` when every key is an MSE code of at most
         SMALL_CODE_BITS bits (the fused float32 attention kernel applies), else None."""
-        main, outlier = self.codes(arrays)
-        if outlier is None and isinstance(self.main, TurboQuantMSE) and self.main.bits <= SMALL_CODE_BITS:
-            return self.main, main
-        return None
+        return (self.main, self.codes(arrays)[0]) if self._small else None
 
     @property
     def nbytes(self):
@@ -201,9 +200,7 @@ class _ValueCodec:
 
     def small_codes(self, arrays):
         """``(quantizer, codes)`` when the values have at most SMALL_CODE_BITS bits, else None."""
-        if self.quantizer.bits <= SMALL_CODE_BITS:
-            return self.quantizer, self.codes(arrays)
-        return None
+        return (self.quantizer, self.codes(arrays)) if self.quantizer.bits <= SMALL_CODE_BITS else None
 
     def codes(self, arrays):
         """Value codes over the quantized region's ``arrays``."""
