@@ -102,8 +102,8 @@ static void tq_lut_weighted_sum_portable(const uint8_t *codes, ptrdiff_t n, ptrd
 #define TQ_LUT_X86 1
 #include <immintrin.h>
 
-#define TQ_AVX2 __attribute__((target("avx2,fma")))
-#define TQ_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
+#define TQ_LUT_AVX2_FN __attribute__((target("avx2,fma")))
+#define TQ_LUT_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
 
 /* Decoder state of one codebook: both halves of the 16 centroids and the
  * per-lane shifts. */
@@ -112,7 +112,7 @@ typedef struct {
     __m256i shift, top_shift, mask;
 } tq_lut_decoder;
 
-TQ_AVX2_INLINE tq_lut_decoder tq_lut_decoder_make(const float *centroids, const int bits)
+TQ_LUT_AVX2_INLINE tq_lut_decoder tq_lut_decoder_make(const float *centroids, const int bits)
 {
     tq_lut_decoder dec;
     float padded[16] = {0};
@@ -127,7 +127,7 @@ TQ_AVX2_INLINE tq_lut_decoder tq_lut_decoder_make(const float *centroids, const 
 
 /* Centroids of the eight indices held in the low 8*bits bits of `word`
  * (a dword in every lane). */
-TQ_AVX2_INLINE __m256 tq_lut_decode(const tq_lut_decoder *dec, __m256i all, const int bits)
+TQ_LUT_AVX2_INLINE __m256 tq_lut_decode(const tq_lut_decoder *dec, __m256i all, const int bits)
 {
     __m256i idx = _mm256_srlv_epi32(all, dec->shift);
     if (bits < 3)
@@ -154,7 +154,7 @@ static inline uint32_t tq_lut_short_dword(const uint8_t *p, const int bits)
 
 /* The dword starting at group g in every lane; a broadcast straight from memory
  * costs no shuffle. */
-TQ_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, const int bits,
+TQ_LUT_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, const int bits,
                                          ptrdiff_t fast_groups)
 {
     const uint8_t *p = row + g * bits;
@@ -163,7 +163,7 @@ TQ_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, const 
     return _mm256_set1_epi32((int)tq_lut_short_dword(p, bits));
 }
 
-TQ_AVX2_INLINE float tq_lut_hsum(__m256 v)
+TQ_LUT_AVX2_INLINE float tq_lut_hsum(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -171,7 +171,7 @@ TQ_AVX2_INLINE float tq_lut_hsum(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-TQ_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                             const int bits, const float *centroids,
                                             const float *queries, const int m, ptrdiff_t d,
                                             const double *scales, float *out,
@@ -213,7 +213,7 @@ TQ_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t n, p
 }
 
 /* Specialized on the number of queries so the accumulators stay in registers. */
-TQ_AVX2_INLINE void tq_lut_scores_avx2_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX2_INLINE void tq_lut_scores_avx2_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                             const int bits, const float *centroids,
                                             const float *queries, ptrdiff_t m, ptrdiff_t d,
                                             const double *scales, float *out,
@@ -224,7 +224,7 @@ TQ_AVX2_INLINE void tq_lut_scores_avx2_bits(const uint8_t *codes, ptrdiff_t n, p
 #undef TQ_AVX2_SCORES_FOR
 }
 
-TQ_AVX2 static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX2_FN static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                        int bits, const float *centroids, const float *queries,
                                        ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
                                        ptrdiff_t out_stride, int accumulate, float *high)
@@ -236,7 +236,7 @@ TQ_AVX2 static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n, ptrdif
 
 /* Eight groups (64 coordinates) starting at group g0, accumulated over all
  * rows with the accumulators in registers. */
-TQ_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const uint8_t *codes,
+TQ_LUT_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const uint8_t *codes,
                                            ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
                                            const float *weights, const double *scales,
                                            ptrdiff_t g0, ptrdiff_t fast_groups, float *acc)
@@ -255,7 +255,7 @@ TQ_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const uint
         _mm256_storeu_ps(acc + 8 * (g0 + k), a[k]);
 }
 
-TQ_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrdiff_t n,
+TQ_LUT_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrdiff_t n,
                                                   ptrdiff_t row_bytes, const int bits,
                                                   const float *centroids, const float *weights,
                                                   const double *scales, ptrdiff_t d, float *acc)
@@ -283,7 +283,7 @@ TQ_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrdiff_
     }
 }
 
-TQ_AVX2 static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX2_FN static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                              int bits, const float *centroids, const float *weights,
                                              const double *scales, ptrdiff_t d, float *acc)
 {
@@ -300,8 +300,8 @@ TQ_AVX2 static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdiff_t n, 
  *              3 bytes further for lanes 8-15; lane k is coordinate k;
  *   4 bits:    one qword; lane 2k is coordinate k and lane 2k+1 coordinate
  *              8 + k ("interleaved": queries and sums are permuted to match). */
-#define TQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
-#define TQ_AVX512_INLINE __attribute__((target("avx512f,avx2,fma"), always_inline)) static inline
+#define TQ_LUT_AVX512_FN __attribute__((target("avx512f,avx2,fma")))
+#define TQ_LUT_AVX512_INLINE __attribute__((target("avx512f,avx2,fma"), always_inline)) static inline
 #define TQ_LUT_INTERLEAVED(bits) ((bits) == 4)
 
 typedef struct {
@@ -310,7 +310,7 @@ typedef struct {
     ptrdiff_t fast_blocks; /* blocks whose broadcasts lie inside the row */
 } tq_lut_decoder16;
 
-TQ_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroids, const int bits,
+TQ_LUT_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroids, const int bits,
                                                         ptrdiff_t row_bytes)
 {
     tq_lut_decoder16 dec;
@@ -343,7 +343,7 @@ static inline uint64_t tq_lut_short_word(const uint8_t *p, int count)
 }
 
 /* Centroids of coordinates 16h .. 16h+15 of a row, in the lane order above. */
-TQ_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
+TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
                                         const int bits)
 {
     const uint8_t *p = row + 2 * h * bits;
@@ -369,12 +369,12 @@ TQ_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const uint8
 }
 
 /* Natural coordinate order to interleaved lane order, and back. */
-TQ_AVX512_INLINE __m512 tq_lut_interleave(__m512 v)
+TQ_LUT_AVX512_INLINE __m512 tq_lut_interleave(__m512 v)
 {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15), v);
 }
 
-TQ_AVX512_INLINE __m512 tq_lut_deinterleave(__m512 v)
+TQ_LUT_AVX512_INLINE __m512 tq_lut_deinterleave(__m512 v)
 {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
 }
@@ -385,7 +385,7 @@ TQ_AVX512_INLINE __m512 tq_lut_deinterleave(__m512 v)
  * (32p + 2L + 1) after a shift, so the pair order is the even coordinates,
  * then the odd ones. Otherwise it is blocks 2p and 2p+1 as tq_lut_decode16
  * gives them (coordinate order). */
-TQ_AVX512_INLINE void tq_lut_decode_pair(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t p,
+TQ_LUT_AVX512_INLINE void tq_lut_decode_pair(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t p,
                                          const int bits, __m512 *first, __m512 *second)
 {
     if (bits == 4) {
@@ -399,7 +399,7 @@ TQ_AVX512_INLINE void tq_lut_decode_pair(const tq_lut_decoder16 *dec, const uint
 }
 
 /* 32 values in coordinate order (lo: the first 16) into pair order, and back. */
-TQ_AVX512_INLINE void tq_lut_to_pair_order(__m512 *lo, __m512 *hi, const int bits)
+TQ_LUT_AVX512_INLINE void tq_lut_to_pair_order(__m512 *lo, __m512 *hi, const int bits)
 {
     if (bits == 4) {
         __m512 a = *lo, b = *hi;
@@ -408,7 +408,7 @@ TQ_AVX512_INLINE void tq_lut_to_pair_order(__m512 *lo, __m512 *hi, const int bit
     }
 }
 
-TQ_AVX512_INLINE void tq_lut_from_pair_order(__m512 *lo, __m512 *hi, const int bits)
+TQ_LUT_AVX512_INLINE void tq_lut_from_pair_order(__m512 *lo, __m512 *hi, const int bits)
 {
     if (bits == 4) {
         __m512 even = *lo, odd = *hi;
@@ -420,7 +420,7 @@ TQ_AVX512_INLINE void tq_lut_from_pair_order(__m512 *lo, __m512 *hi, const int b
 /* Lane t of the result is the sum of the sixteen lanes of v[t]: a transposing
  * tree of shuffles and adds that only ever adds partial sums of the same t, so
  * each lane's arithmetic does not depend on the other fifteen vectors. */
-TQ_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
+TQ_LUT_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
 {
     __m512 halves[8], quarters[4], eighths[2];
     for (int k = 0; k < 8; k++) /* 128-bit chunks: v[2k] in 0-1, v[2k+1] in 2-3 */
@@ -441,7 +441,7 @@ TQ_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
 /* Rows in blocks of 16: each row's products for up to TQ_LUT_MAX_QUERIES
  * queries (decoded once) go to `partial`, then tq_lut_sum16 reduces sixteen
  * rows at once. A row's score is the same arithmetic wherever it sits. */
-TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                                 const int bits, const float *centroids,
                                                 const float *queries, const int m, ptrdiff_t d,
                                                 const double *scales, float *out,
@@ -510,7 +510,7 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t 
     }
 }
 
-TQ_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                                 const int bits, const float *centroids,
                                                 const float *queries, ptrdiff_t m, ptrdiff_t d,
                                                 const double *scales, float *out,
@@ -528,7 +528,7 @@ TQ_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t 
     free(lane_queries);
 }
 
-TQ_AVX512 static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                            int bits, const float *centroids, const float *queries,
                                            ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
                                            ptrdiff_t out_stride, int accumulate, float *high)
@@ -539,7 +539,7 @@ TQ_AVX512 static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, pt
 }
 
 /* `count` (<= 4) pairs from pair p0, the accumulators in registers. */
-TQ_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const uint8_t *codes,
+TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const uint8_t *codes,
                                             ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
                                             const float *weights, const double *scales,
                                             ptrdiff_t p0, const int count, float *acc)
@@ -567,7 +567,7 @@ TQ_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const u
     }
 }
 
-TQ_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
+TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
                                                       ptrdiff_t row_bytes, const int bits,
                                                       const float *centroids, const float *weights,
                                                       const double *scales, ptrdiff_t d, float *acc)
@@ -598,7 +598,7 @@ TQ_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrd
     }
 }
 
-TQ_AVX512 static void tq_lut_weighted_sum_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                                  int bits, const float *centroids, const float *weights,
                                                  const double *scales, ptrdiff_t d, float *acc)
 {
@@ -655,7 +655,7 @@ static double tq_exp_shifted_portable(float *x, ptrdiff_t n, float shift)
 #define TQ_EXPF_C1 0.693359375f
 #define TQ_EXPF_C2 -2.12194440e-4f
 
-TQ_AVX512 static double tq_exp_shifted_avx512(float *x, ptrdiff_t n, float shift)
+TQ_LUT_AVX512_FN static double tq_exp_shifted_avx512(float *x, ptrdiff_t n, float shift)
 {
     const __m512 low = _mm512_set1_ps(-87.0f), offset = _mm512_set1_ps(shift);
     __m512d sum_low = _mm512_setzero_pd(), sum_high = _mm512_setzero_pd();
@@ -683,7 +683,7 @@ TQ_AVX512 static double tq_exp_shifted_avx512(float *x, ptrdiff_t n, float shift
     return _mm512_reduce_add_pd(_mm512_add_pd(sum_low, sum_high));
 }
 
-TQ_AVX2 static double tq_exp_shifted_avx2(float *x, ptrdiff_t n, float shift)
+TQ_LUT_AVX2_FN static double tq_exp_shifted_avx2(float *x, ptrdiff_t n, float shift)
 {
     const __m256 low = _mm256_set1_ps(-87.0f), offset = _mm256_set1_ps(shift);
     __m256d sum_low = _mm256_setzero_pd(), sum_high = _mm256_setzero_pd();

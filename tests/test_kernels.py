@@ -621,7 +621,11 @@ def variant_outputs(dtype, bits):
     codes = np.empty((37, packed_width(130, bits)), dtype=np.uint8)
     residual = np.empty_like(x)
     _core.quantize_pack(x, norms, boundaries, centroids, bits, codes, residual, True, 2)
-    return outputs + [codes, residual]
+    matrix = rng.standard_normal((130, 130)).astype(dtype)
+    products = [np.empty((5, 130), dtype=dtype) for _ in range(2)]
+    for transpose, out in zip((False, True), products):
+        _core.small_product(np.ascontiguousarray(x[:5]), matrix, transpose, out)
+    return outputs + [codes, residual] + products
 
 
 def test_kernel_variants_are_listed(restore_variant):
@@ -643,3 +647,21 @@ def test_kernel_variants_are_bit_identical(dtype, bits, restore_variant):
         for got, expected in zip(outputs, results["portable"]):
             assert got.dtype == expected.dtype
             assert np.array_equal(got, expected, equal_nan=True), variant
+
+
+# -- small dense products ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [1, 2, 15, 16, 17, 128, 130])
+@pytest.mark.parametrize("m", [0, 1, 4])
+def test_small_product_matches_matmul(dtype, dim, m):
+    rng = np.random.default_rng([dim, m])
+    x = rng.standard_normal((m, dim)).astype(dtype)
+    matrix = rng.standard_normal((dim, dim)).astype(dtype)
+    eps = np.finfo(dtype).eps
+    x64, m64 = x.astype(np.float64), matrix.astype(np.float64)
+    for transpose, expected, magnitude in (
+            (False, x64 @ m64.T, np.abs(x64) @ np.abs(m64).T),
+            (True, x64 @ m64, np.abs(x64) @ np.abs(m64))):
+        out = np.full((m, dim), np.nan, dtype=dtype)
+        _core.small_product(readonly(x), readonly(matrix), transpose, out)
+        assert np.all(np.abs(out - expected) <= (dim + 2) * eps * magnitude)

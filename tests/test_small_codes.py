@@ -1,8 +1,9 @@
-"""The float32 kernels for codes of 1 to 4 bits (``include/tq_lut.h``), on every path.
+"""The float32 kernels for codes of 1 to 4 bits (``include/tq_lut.h``), on every variant.
 
 float32 queries (scores) and float32 weights (weighted sums) of codes with at
-most 4 bits run in float32 on the best path the processor has: AVX-512, AVX2
-with FMA, or portable C. Each path is checked here against a float64 numpy
+most 4 bits run in float32 on the best kernel variant the processor has
+(AVX-512, AVX2 with FMA, or portable C); unlike the quantization kernels these
+variants round differently (FMA, partial sums). Each variant is checked here against a float64 numpy
 reference with float32 rounding-error bounds (see ``tests/test_kernels.py``),
 for whole and partial 16-row blocks, dims that are not multiples of 8 or 16,
 several queries per pass and the row tails of 3-bit codes, and is checked to
@@ -16,16 +17,16 @@ import turboquant as tq
 from turboquant import _core
 
 EPS32 = np.finfo(np.float32).eps
-AVAILABLE = _core.SMALL_CODE_PATHS[: _core.SMALL_CODE_PATHS.index(_core.small_code_path()) + 1]
+AVAILABLE = _core._kernel_variants()
 
 
 @pytest.fixture(params=AVAILABLE)
 def path(request):
-    """Run the test on one path, then restore the best one."""
-    _core.limit_small_code_path(request.param)
-    assert _core.small_code_path() == request.param
+    """Run the test on one kernel variant, then restore the best one."""
+    _core._set_kernel_variant(request.param)
+    assert _core._kernel_variant() == request.param
     yield request.param
-    _core.limit_small_code_path(_core.SMALL_CODE_PATHS[-1])
+    _core._set_kernel_variant(AVAILABLE[-1])
 
 
 def random_case(rng, n, dim, bits):
@@ -41,12 +42,6 @@ def scores(packed, bits, centroids, queries, scales, n_threads=1):
     out = np.full((queries.shape[0], packed.shape[0]), np.nan, dtype=np.float32)
     _core.lut_inner_products(packed, bits, centroids, queries, scales, out, False, n_threads)
     return out
-
-
-def test_the_best_path_is_used_by_default():
-    assert _core.small_code_path() == AVAILABLE[-1]
-    assert set(AVAILABLE) <= set(_core.SMALL_CODE_PATHS)
-    assert AVAILABLE[0] == "portable"
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -117,17 +112,12 @@ def test_paths_agree_to_float32_rounding():
     results = {}
     try:
         for name in AVAILABLE:
-            _core.limit_small_code_path(name)
+            _core._set_kernel_variant(name)
             results[name] = quantizer.inner_products(codes, queries.astype(np.float32))
     finally:
-        _core.limit_small_code_path(_core.SMALL_CODE_PATHS[-1])
+        _core._set_kernel_variant(AVAILABLE[-1])
     for result in results.values():
         np.testing.assert_allclose(result, exact, rtol=0, atol=200 * EPS32 * np.abs(exact).max())
-
-
-def test_unknown_path_name_is_refused():
-    with pytest.raises(ValueError):
-        _core.limit_small_code_path("sse2")
 
 
 # -- fused float32 attention of the KV cache ---------------------------------------------

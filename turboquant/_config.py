@@ -22,7 +22,9 @@ def show_config(file=None):
     dict
         The same facts: ``version``, ``openmp``, ``max_threads`` (OpenMP default
         team size, from ``OMP_NUM_THREADS``), ``num_procs``, ``wait_policy``
-        (``OMP_WAIT_POLICY``; turboquant defaults it to ``PASSIVE``), ``numpy``.
+        (``OMP_WAIT_POLICY``; turboquant defaults it to ``PASSIVE``), ``kernels``
+        (the instruction-set variant of the C kernels in use: ``"avx512"``,
+        ``"avx2"`` or ``"portable"``), ``numpy``.
     """
     info = {
         "version": __version__,
@@ -30,6 +32,7 @@ def show_config(file=None):
         "max_threads": _core.max_threads(),
         "num_procs": _core.num_procs(),
         "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "kernels": _core._kernel_variant(),
         "numpy": np.__version__,
     }
     stream = sys.stdout if file is None else file

@@ -53,12 +53,17 @@ cdef extern from "tq_quantize.h" nogil:
                             const double* centroids, uint8_t* codes, Py_ssize_t row_bytes,
                             double* residual, double* tile)
 
+cdef extern from "tq_matrix.h" nogil:
+    void tq_small_product_f(int variant, const float* x, Py_ssize_t m, Py_ssize_t d,
+                            const float* mat, int transpose, float* out)
+    void tq_small_product_d(int variant, const double* x, Py_ssize_t m, Py_ssize_t d,
+                            const double* mat, int transpose, double* out)
+
 cdef extern from "tq_lut.h" nogil:
     enum:
         TQ_LUT_MAX_BITS
         TQ_LUT_MAX_QUERIES
     void tq_lut_set_max_level(int level)
-    const char* tq_lut_path()
     void tq_lut_scores(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
                        const float* centroids, const float* queries, Py_ssize_t m, Py_ssize_t d,
                        const double* scales, float* out, Py_ssize_t out_stride, int accumulate,
@@ -116,6 +121,7 @@ def _set_kernel_variant(name):
     if name not in names:
         raise ValueError(f"kernel variant must be one of {names}, got {name!r}")
     kernel_variant = names.index(name)
+    tq_lut_set_max_level(kernel_variant)
 
 
 # Below this many inner-loop steps a parallel region costs more than it saves
@@ -880,14 +886,30 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
         free(partial)
 
 
-SMALL_CODE_PATHS = ("portable", "avx2", "avx512")
+# ---------------------------------------------------------------------------
+# Small dense products (rotating a few queries)
+# ---------------------------------------------------------------------------
 
+def small_product(const floating[:, ::1] x, const floating[:, ::1] matrix, bint transpose,
+                  floating[:, ::1] out):
+    """``out = x @ matrix.T`` (or ``x @ matrix`` when ``transpose``) for a few rows.
 
-def small_code_path():
-    """Name of the float32 small-code path in use: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
-    return tq_lut_path().decode()
+    For the handful of query rows a read rotates: a fixed-order loop
+    (include/tq_matrix.h) that costs less than a BLAS call's thread hand-offs.
+    Single-threaded.
 
-
-def limit_small_code_path(str name):
-    """Use at most the named float32 small-code path (``"avx512"`` allows all); for tests."""
-    tq_lut_set_max_level(SMALL_CODE_PATHS.index(name))
+    Parameters
+    ----------
+    x : (m, d) float32 or float64
+    matrix : (d, d), same dtype
+    transpose : bool
+    out : (m, d), same dtype, written (may not alias ``x``)
+    """
+    cdef Py_ssize_t m = x.shape[0], d = x.shape[1]
+    if m == 0:
+        return
+    with nogil:
+        if floating is float:
+            tq_small_product_f(kernel_variant, &x[0, 0], m, d, &matrix[0, 0], transpose, &out[0, 0])
+        else:
+            tq_small_product_d(kernel_variant, &x[0, 0], m, d, &matrix[0, 0], transpose, &out[0, 0])

@@ -34,6 +34,9 @@ from ._validation import check_choice
 ROTATIONS = ("dense", "hadamard")
 SKETCHES = ("gaussian", "hadamard")
 HADAMARD_ROUNDS = 2
+#: Dense products of at most this many multiply-adds (rows x dim x dim) run in
+#: _core.small_product rather than BLAS: one to 64 queries at dim 128.
+SMALL_PRODUCT_WORK = 1 << 20
 
 
 # Salt of the seed sequences, so that transforms never share random numbers
@@ -61,16 +64,25 @@ class _MatrixTransform:
     def _for(self, dtype):
         return self._matrix32 if dtype == np.float32 else self.matrix
 
+    def _product(self, x, transpose):
+        matrix = self._for(x.dtype)
+        if x.shape[0] * matrix.size <= SMALL_PRODUCT_WORK:
+            # A few rows (queries): a plain loop beats a BLAS call and its thread hand-offs.
+            out = np.empty(x.shape, dtype=x.dtype)
+            _core.small_product(np.ascontiguousarray(x), matrix, transpose, out)
+            return out
+        return np.ascontiguousarray(x @ (matrix if transpose else matrix.T))
+
     def apply(self, x, n_threads):
         """Rows of ``x`` multiplied by the matrix (``x @ M.T``), C-contiguous.
 
-        BLAS sizes its own thread team; ``n_threads`` is accepted so that every
-        transform has the same interface."""
-        return np.ascontiguousarray(x @ self._for(x.dtype).T)
+        Large products go to BLAS, which sizes its own thread team; ``n_threads``
+        is accepted so that every transform has the same interface."""
+        return self._product(x, False)
 
     def apply_transpose(self, y, n_threads):
         """Rows of ``y`` multiplied by the transpose (``y @ M``), C-contiguous."""
-        return np.ascontiguousarray(y @ self._for(y.dtype))
+        return self._product(y, True)
 
 
 
