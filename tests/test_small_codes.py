@@ -140,10 +140,10 @@ def test_float32_attention_matches_float64(path, key_bits, value_bits, n, center
     cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim, key_bits=key_bits, value_bits=value_bits,
                                                  center_keys=center_keys))
     cache.append(rng.standard_normal((n, dim)) + 0.5, rng.standard_normal((n, dim)))
-    queries = (2.0 * rng.standard_normal((6, dim))).astype(np.float32)
+    queries = (2.0 * rng.standard_normal((20, dim))).astype(np.float32)   # two blocks of 16
     scale = 1.0 / np.sqrt(dim)
     out = cache.attention_output(queries)
-    assert out.dtype == np.float32 and out.shape == (6, dim)
+    assert out.dtype == np.float32 and out.shape == (20, dim)
     expected, _ = exact_attention(cache, queries, scale)
     # Relative errors of a few float32 roundings in each logit (times its size, up to
     # ~30 here) and in the weighted sums: 1e-4 of the largest value is far outside them.

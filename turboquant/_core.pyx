@@ -738,14 +738,19 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
         if bits <= TQ_LUT_MAX_BITS:
             chunk = small_code_chunk(n)
             n_chunks = (n + chunk - 1) // chunk
-            partial32 = <float*> malloc(n_chunks * m * d * sizeof(float))
+            qn = min(m, query_block)
+            partial32 = <float*> malloc(n_chunks * qn * d * sizeof(float))
             if partial32 == NULL:
                 raise MemoryError()
-            team = threads_for_codes(n * m * row_bytes, min(n_threads, n_chunks))
-            with nogil:
-                small_code_weighted_sum(codes, bits, centroids, weights, scales, out, partial32,
-                                        chunk, team)
-            free(partial32)
+            team = threads_for_codes(n * qn * row_bytes, min(n_threads, n_chunks))
+            try:
+                for q0 in range(0, m, query_block):
+                    qn = min(query_block, m - q0)
+                    with nogil:
+                        small_code_weighted_sum(codes, bits, centroids, weights[q0:q0 + qn], scales,
+                                                out[q0:q0 + qn], partial32, chunk, team)
+            finally:
+                free(partial32)
             return
     while (n + chunk - 1) // chunk > 256:
         chunk *= 2
@@ -786,6 +791,10 @@ cdef inline Py_ssize_t small_code_chunk(Py_ssize_t n) noexcept nogil:
     return chunk
 
 
+# Queries per pass of small_code_attention over the codes (bounds its scratch).
+DEF ATTENTION_QUERY_BLOCK = 16
+
+
 def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
                          const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
                          const double[::1] value_centroids, const float[::1] value_norms,
@@ -795,10 +804,11 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
     ``k_i = key_norms[i] * key_centroids[key index(i, :)]`` and ``v_i`` alike,
     all in the codes' rotated domains (``queries`` rotated like the keys,
-    ``out`` in the values' domain). Scores, the softmax numerators (a float32
-    exponential) and weighted sums are computed per chunk of rows inside one
-    parallel region; chunk sums are combined in chunk order, so the result
-    does not depend on the thread count. Codes of 1 to 4 bits only.
+    ``out`` in the values' domain). For each block of up to 16 queries, the
+    scores and their maxima, then the softmax numerators (a float32
+    exponential) and weighted sums are computed per chunk of rows in two
+    parallel loops; chunk sums are combined in chunk order, so the result does
+    not depend on the thread count. Codes of 1 to 4 bits only.
 
     Parameters
     ----------
@@ -814,7 +824,7 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     """
     cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t key_bytes = key_codes.shape[1], value_bytes = value_codes.shape[1]
-    cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks, c, q, q0, i, j, start, count
+    cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks, c, q, q0, i, j, start, count, block, b0, mb
     cdef int team
     cdef float high
     cdef double total
@@ -832,11 +842,12 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     team = threads_for_codes(n * m * (key_bytes + value_bytes), min(n_threads, n_chunks))
     centroids_f32(key_centroids, key_bits, key_cents)
     centroids_f32(value_centroids, value_bits, value_cents)
-    logits = <float*> malloc(m * n * sizeof(float))
-    chunk_max = <float*> malloc(n_chunks * m * sizeof(float))
-    chunk_sum = <double*> malloc(n_chunks * m * sizeof(double))
+    block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK)
+    logits = <float*> malloc(block * n * sizeof(float))
+    chunk_max = <float*> malloc(n_chunks * block * sizeof(float))
+    chunk_sum = <double*> malloc(n_chunks * block * sizeof(double))
     scales = <double*> malloc(2 * n * sizeof(double))
-    partial = <float*> malloc(n_chunks * m * d * sizeof(float))
+    partial = <float*> malloc(n_chunks * block * d * sizeof(float))
     try:
         if not (logits and chunk_max and chunk_sum and scales and partial):
             raise MemoryError()
@@ -844,40 +855,45 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
             for i in range(n):
                 scales[i] = key_norms[i] * scale        # the scores come out as logits
                 scales[n + i] = value_norms[i]
-            # Logits and their maximum, per chunk.
-            for c in prange(n_chunks, num_threads=team, schedule="static"):
-                start = c * chunk
-                count = min(chunk, n - start)
-                for q in range(m):
-                    chunk_max[c * m + q] = -INFINITY
-                q0 = 0
-                while q0 < m:
-                    tq_lut_scores(&key_codes[start, 0], count, key_bytes, key_bits, key_cents,
-                                  &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
-                                  scales + start, logits + q0 * n + start, n, 0, chunk_max + c * m + q0)
-                    q0 = q0 + TQ_LUT_MAX_QUERIES
-            # Numerators exp(logit - max) and their weighted sums, per chunk.
-            for c in prange(n_chunks, num_threads=team, schedule="static"):
-                start = c * chunk
-                count = min(chunk, n - start)
-                for q in range(m):
-                    high = chunk_max[q]
-                    for j in range(1, n_chunks):
-                        if chunk_max[j * m + q] > high:
-                            high = chunk_max[j * m + q]
-                    chunk_sum[c * m + q] = tq_exp_shifted(logits + q * n + start, count, high)
-                    memset(partial + (c * m + q) * d, 0, d * sizeof(float))
-                    tq_lut_weighted_sum(&value_codes[start, 0], count, value_bytes, value_bits,
-                                        value_cents, logits + q * n + start, scales + n + start, d,
-                                        partial + (c * m + q) * d)
-            for q in range(m):
-                total = 0.0
-                for c in range(n_chunks):
-                    total = total + chunk_sum[c * m + q]
+            b0 = 0
+            while b0 < m:
+                mb = min(block, m - b0)
+                # Logits and their maximum, per chunk.
+                for c in prange(n_chunks, num_threads=team, schedule="static"):
+                    start = c * chunk
+                    count = min(chunk, n - start)
+                    for q in range(mb):
+                        chunk_max[c * mb + q] = -INFINITY
+                    q0 = 0
+                    while q0 < mb:
+                        tq_lut_scores(&key_codes[start, 0], count, key_bytes, key_bits, key_cents,
+                                      &queries[b0 + q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
+                                      d, scales + start, logits + q0 * n + start, n, 0,
+                                      chunk_max + c * mb + q0)
+                        q0 = q0 + TQ_LUT_MAX_QUERIES
+                # Numerators exp(logit - max) and their weighted sums, per chunk.
+                for c in prange(n_chunks, num_threads=team, schedule="static"):
+                    start = c * chunk
+                    count = min(chunk, n - start)
+                    for q in range(mb):
+                        high = chunk_max[q]
+                        for j in range(1, n_chunks):
+                            if chunk_max[j * mb + q] > high:
+                                high = chunk_max[j * mb + q]
+                        chunk_sum[c * mb + q] = tq_exp_shifted(logits + q * n + start, count, high)
+                        memset(partial + (c * mb + q) * d, 0, d * sizeof(float))
+                        tq_lut_weighted_sum(&value_codes[start, 0], count, value_bytes, value_bits,
+                                            value_cents, logits + q * n + start, scales + n + start, d,
+                                            partial + (c * mb + q) * d)
+                for q in range(mb):
+                    total = 0.0
+                    for c in range(n_chunks):
+                        total = total + chunk_sum[c * mb + q]
+                        for j in range(d):
+                            out[b0 + q, j] += partial[(c * mb + q) * d + j]
                     for j in range(d):
-                        out[q, j] += partial[(c * m + q) * d + j]
-                for j in range(d):
-                    out[q, j] = out[q, j] / total
+                        out[b0 + q, j] = out[b0 + q, j] / total
+                b0 = b0 + block
     finally:
         free(logits)
         free(chunk_max)
