@@ -16,6 +16,9 @@ from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
 from ._threads import resolve_n_threads
 from ._validation import FLOAT32_MAX, FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
 
+#: Rows per block of the dense rotation in ``encode``: about this many bytes of rotated rows.
+ROTATED_BLOCK_BYTES = 1 << 23
+
 SIGN_CENTROIDS = np.array([-1.0, 1.0])
 SIGN_BOUNDARIES = np.array([0.0])
 
@@ -225,10 +228,16 @@ class TurboQuantMSE(_Quantizer):
             self._check_norms(norms, rows)
             return indices, norms, residual
         norms = self._norms(rows, n_threads)
-        rotated = self.rotate(rows, n_threads)
-        if n:
-            _core.quantize_pack(rotated, norms, book.boundaries, book.centroids,
-                                self.bits, indices, residual, want_residual, n_threads)
+        # Rotate and quantize in blocks of rows whose rotated copy fits in the
+        # cache: the quantizer reads it back while it is still there, and no
+        # (n, dim) rotated array is ever held.
+        block = max(1, ROTATED_BLOCK_BYTES // (self.dim * rows.itemsize))
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            _core.quantize_pack(self.rotate(rows[start:stop], n_threads), norms[start:stop],
+                                book.boundaries, book.centroids, self.bits, indices[start:stop],
+                                residual[start:stop] if want_residual else residual, want_residual,
+                                n_threads)
         return indices, norms, residual
 
     def decode_rotated(self, indices, scales, dtype, n_threads):
