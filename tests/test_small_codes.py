@@ -174,3 +174,23 @@ def test_float32_attention_agrees_with_the_general_path(path):
 def test_float32_attention_of_an_empty_cache_is_zero():
     cache = tq.QuantizedKVCache(tq.KVCacheConfig(16))
     np.testing.assert_array_equal(cache.attention_output(np.ones(16, dtype=np.float32)), np.zeros(16))
+
+
+@pytest.mark.parametrize("query_shape", [(), (3,)])
+def test_multi_head_float32_attention_is_each_heads_own(path, query_shape):
+    """All heads in one fused call (heads in parallel) give each head's own
+    single-head result, bit for bit, for any thread count."""
+    rng = np.random.default_rng(29)
+    heads, query_heads, dim, n = 4, 8, 48, 700
+    cache = tq.MultiHeadKVCache(tq.MultiHeadConfig(heads, tq.KVCacheConfig(dim), num_query_heads=query_heads))
+    cache.append_all(rng.standard_normal((heads, n, dim)), rng.standard_normal((heads, n, dim)))
+    queries = rng.standard_normal((query_heads, *query_shape, dim)).astype(np.float32)
+    together = cache.attention_output_all(queries)
+    assert together.dtype == np.float32 and together.shape == queries.shape
+    group = query_heads // heads
+    for h in range(query_heads):
+        np.testing.assert_array_equal(together[h], cache.head(h // group).attention_output(queries[h]))
+    np.testing.assert_array_equal(cache.attention_output_all(queries, n_threads=1),
+                                  cache.attention_output_all(queries, n_threads=2))
+    exact = cache.attention_output_all(queries.astype(np.float64))
+    np.testing.assert_allclose(together, exact, rtol=0, atol=1e-5 * np.abs(exact).max())

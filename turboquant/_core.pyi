@@ -79,4 +79,21 @@ def small_code_attention(
     out: _F64,
     n_threads: int,
 ) -> None: ...
+def small_code_attention_heads(
+    key_codes: npt.NDArray[np.uintp],
+    key_norms: npt.NDArray[np.uintp],
+    key_bytes: int,
+    key_bits: int,
+    key_centroids: _F64,
+    value_codes: npt.NDArray[np.uintp],
+    value_norms: npt.NDArray[np.uintp],
+    value_bytes: int,
+    value_bits: int,
+    value_centroids: _F64,
+    n: int,
+    queries: npt.NDArray[np.float32],
+    scale: float,
+    out: npt.NDArray[np.float64],
+    n_threads: int,
+) -> None: ...
 def small_product(x: _Float, matrix: _Float, transpose: bool, out: _Float) -> None: ...

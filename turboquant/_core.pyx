@@ -795,6 +795,85 @@ cdef inline Py_ssize_t small_code_chunk(Py_ssize_t n) noexcept nogil:
 DEF ATTENTION_QUERY_BLOCK = 16
 
 
+cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py_ssize_t key_bytes,
+                            int key_bits, const float* key_cents, const uint8_t* value_codes,
+                            const float* value_norms, Py_ssize_t value_bytes, int value_bits,
+                            const float* value_cents, Py_ssize_t n, const float* queries,
+                            Py_ssize_t m, Py_ssize_t d, double scale, double* out,
+                            int n_threads) noexcept nogil:
+    """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous);
+    ``out`` (m, d) is written. Returns -1 when out of memory, else 0."""
+    cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks = (n + chunk - 1) // chunk
+    cdef Py_ssize_t block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK), c, q, q0, i, j, start, count, b0, mb
+    cdef int team = threads_for_codes(n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, n_chunks))
+    cdef float high
+    cdef double total
+    cdef double* acc
+    cdef float* logits = <float*> malloc(block * n * sizeof(float))
+    cdef float* chunk_max = <float*> malloc(n_chunks * block * sizeof(float))
+    cdef double* chunk_sum = <double*> malloc(n_chunks * block * sizeof(double))
+    cdef double* scales = <double*> malloc(2 * n * sizeof(double))
+    cdef float* partial = <float*> malloc(n_chunks * block * d * sizeof(float))
+    if not (logits and chunk_max and chunk_sum and scales and partial):
+        free(logits)
+        free(chunk_max)
+        free(chunk_sum)
+        free(scales)
+        free(partial)
+        return -1
+    for i in range(n):
+        scales[i] = key_norms[i] * scale        # the scores come out as logits
+        scales[n + i] = value_norms[i]
+    b0 = 0
+    while b0 < m:
+        mb = min(block, m - b0)
+        # Logits and their maximum, per chunk.
+        for c in prange(n_chunks, num_threads=team, schedule="static"):
+            start = c * chunk
+            count = min(chunk, n - start)
+            for q in range(mb):
+                chunk_max[c * mb + q] = -INFINITY
+            q0 = 0
+            while q0 < mb:
+                tq_lut_scores(key_codes + start * key_bytes, count, key_bytes, key_bits, key_cents,
+                              queries + (b0 + q0) * d, min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
+                              d, scales + start, logits + q0 * n + start, n, 0,
+                              chunk_max + c * mb + q0)
+                q0 = q0 + TQ_LUT_MAX_QUERIES
+        # Numerators exp(logit - max) and their weighted sums, per chunk.
+        for c in prange(n_chunks, num_threads=team, schedule="static"):
+            start = c * chunk
+            count = min(chunk, n - start)
+            for q in range(mb):
+                high = chunk_max[q]
+                for j in range(1, n_chunks):
+                    if chunk_max[j * mb + q] > high:
+                        high = chunk_max[j * mb + q]
+                chunk_sum[c * mb + q] = tq_exp_shifted(logits + q * n + start, count, high)
+                memset(partial + (c * mb + q) * d, 0, d * sizeof(float))
+                tq_lut_weighted_sum(value_codes + start * value_bytes, count, value_bytes, value_bits,
+                                    value_cents, logits + q * n + start, scales + n + start, d,
+                                    partial + (c * mb + q) * d)
+        for q in range(mb):
+            acc = out + (b0 + q) * d
+            for j in range(d):
+                acc[j] = 0.0
+            total = 0.0
+            for c in range(n_chunks):
+                total = total + chunk_sum[c * mb + q]
+                for j in range(d):
+                    acc[j] += partial[(c * mb + q) * d + j]
+            for j in range(d):
+                acc[j] = acc[j] / total
+        b0 = b0 + block
+    free(logits)
+    free(chunk_max)
+    free(chunk_sum)
+    free(scales)
+    free(partial)
+    return 0
+
+
 def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
                          const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
                          const double[::1] value_centroids, const float[::1] value_norms,
@@ -823,83 +902,69 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     n_threads : int >= 1
     """
     cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
-    cdef Py_ssize_t key_bytes = key_codes.shape[1], value_bytes = value_codes.shape[1]
-    cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks, c, q, q0, i, j, start, count, block, b0, mb
-    cdef int team
-    cdef float high
-    cdef double total
     cdef float key_cents[16]
     cdef float value_cents[16]
-    cdef float* logits
-    cdef float* chunk_max
-    cdef double* chunk_sum
-    cdef double* scales
-    cdef float* partial
+    cdef int status
     out[:, :] = 0.0
     if n == 0 or m == 0:
         return
-    n_chunks = (n + chunk - 1) // chunk
-    team = threads_for_codes(n * m * (key_bytes + value_bytes), min(n_threads, n_chunks))
     centroids_f32(key_centroids, key_bits, key_cents)
     centroids_f32(value_centroids, value_bits, value_cents)
-    block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK)
-    logits = <float*> malloc(block * n * sizeof(float))
-    chunk_max = <float*> malloc(n_chunks * block * sizeof(float))
-    chunk_sum = <double*> malloc(n_chunks * block * sizeof(double))
-    scales = <double*> malloc(2 * n * sizeof(double))
-    partial = <float*> malloc(n_chunks * block * d * sizeof(float))
-    try:
-        if not (logits and chunk_max and chunk_sum and scales and partial):
-            raise MemoryError()
-        with nogil:
-            for i in range(n):
-                scales[i] = key_norms[i] * scale        # the scores come out as logits
-                scales[n + i] = value_norms[i]
-            b0 = 0
-            while b0 < m:
-                mb = min(block, m - b0)
-                # Logits and their maximum, per chunk.
-                for c in prange(n_chunks, num_threads=team, schedule="static"):
-                    start = c * chunk
-                    count = min(chunk, n - start)
-                    for q in range(mb):
-                        chunk_max[c * mb + q] = -INFINITY
-                    q0 = 0
-                    while q0 < mb:
-                        tq_lut_scores(&key_codes[start, 0], count, key_bytes, key_bits, key_cents,
-                                      &queries[b0 + q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
-                                      d, scales + start, logits + q0 * n + start, n, 0,
-                                      chunk_max + c * mb + q0)
-                        q0 = q0 + TQ_LUT_MAX_QUERIES
-                # Numerators exp(logit - max) and their weighted sums, per chunk.
-                for c in prange(n_chunks, num_threads=team, schedule="static"):
-                    start = c * chunk
-                    count = min(chunk, n - start)
-                    for q in range(mb):
-                        high = chunk_max[q]
-                        for j in range(1, n_chunks):
-                            if chunk_max[j * mb + q] > high:
-                                high = chunk_max[j * mb + q]
-                        chunk_sum[c * mb + q] = tq_exp_shifted(logits + q * n + start, count, high)
-                        memset(partial + (c * mb + q) * d, 0, d * sizeof(float))
-                        tq_lut_weighted_sum(&value_codes[start, 0], count, value_bytes, value_bits,
-                                            value_cents, logits + q * n + start, scales + n + start, d,
-                                            partial + (c * mb + q) * d)
-                for q in range(mb):
-                    total = 0.0
-                    for c in range(n_chunks):
-                        total = total + chunk_sum[c * mb + q]
-                        for j in range(d):
-                            out[b0 + q, j] += partial[(c * mb + q) * d + j]
-                    for j in range(d):
-                        out[b0 + q, j] = out[b0 + q, j] / total
-                b0 = b0 + block
-    finally:
-        free(logits)
-        free(chunk_max)
-        free(chunk_sum)
-        free(scales)
-        free(partial)
+    with nogil:
+        status = attend_small_codes(&key_codes[0, 0], &key_norms[0], key_codes.shape[1], key_bits,
+                                    key_cents, &value_codes[0, 0], &value_norms[0], value_codes.shape[1],
+                                    value_bits, value_cents, n, &queries[0, 0], m, d, scale,
+                                    &out[0, 0], n_threads)
+    if status < 0:
+        raise MemoryError()
+
+
+def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[::1] key_norms,
+                               Py_ssize_t key_bytes, int key_bits, const double[::1] key_centroids,
+                               const uintptr_t[::1] value_codes, const uintptr_t[::1] value_norms,
+                               Py_ssize_t value_bytes, int value_bits, const double[::1] value_centroids,
+                               Py_ssize_t n, const float[:, :, ::1] queries, double scale,
+                               double[:, :, ::1] out, int n_threads):
+    """:func:`small_code_attention` for every head of a multi-head cache in one call.
+
+    Head ``h`` (one thread per head, the heads spread over the team) attends
+    with ``queries[h]`` over the ``n`` rows whose codes and float32 norms start
+    at the addresses ``key_codes[h]``, ``key_norms[h]``, ``value_codes[h]``,
+    ``value_norms[h]`` (C-contiguous, ``key_bytes`` / ``value_bytes`` per row,
+    every head with the same codebooks). Each head's result is the single-head
+    kernel's on one thread, so nothing depends on the thread count. The caller
+    keeps the arrays behind the addresses alive and of the stated shapes.
+
+    Parameters
+    ----------
+    key_codes, key_norms, value_codes, value_norms : (heads,) uintptr
+    key_bytes, value_bytes : int, bytes per code row
+    key_bits, value_bits : int in 1..4
+    key_centroids, value_centroids : (2**bits,) float64
+    n : int, rows per head
+    queries : (heads, m, d) float32, in each head's key domain
+    scale : float
+    out : (heads, m, d) float64, written, in each head's value domain
+    n_threads : int >= 1
+    """
+    cdef Py_ssize_t heads = queries.shape[0], m = queries.shape[1], d = queries.shape[2], h
+    cdef float key_cents[16]
+    cdef float value_cents[16]
+    cdef int failed = 0
+    out[:, :, :] = 0.0
+    if n == 0 or m == 0 or heads == 0:
+        return
+    centroids_f32(key_centroids, key_bits, key_cents)
+    centroids_f32(value_centroids, value_bits, value_cents)
+    for h in prange(heads, nogil=True, num_threads=threads_for_codes(
+            heads * n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, heads)), schedule="static"):
+        if attend_small_codes(<const uint8_t*> key_codes[h], <const float*> key_norms[h], key_bytes,
+                              key_bits, key_cents, <const uint8_t*> value_codes[h],
+                              <const float*> value_norms[h], value_bytes, value_bits, value_cents, n,
+                              &queries[h, 0, 0], m, d, scale, &out[h, 0, 0], 1) < 0:
+            failed += 1
+    if failed:
+        raise MemoryError()
 
 
 # ---------------------------------------------------------------------------

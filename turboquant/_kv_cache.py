@@ -544,15 +544,23 @@ class QuantizedKVCache:
         out = out.astype(queries.dtype, copy=False)
         return out[0] if was_1d else out
 
-    def _fused_output(self, queries, scale, n_threads):
-        """``(output,)`` from the fused float32 kernel when every token is quantized
-        with small MSE codes, else None. A key center only shifts every score of
-        a query by the same amount, which the softmax ignores."""
+    def _small_codes(self):
+        """``((key quantizer, key codes), (value quantizer, value codes))`` when every
+        token is quantized with MSE codes of at most SMALL_CODE_BITS bits (the fused
+        float32 kernel applies), else None. A key center only shifts every score
+        of a query by the same amount, which the softmax ignores."""
+        if len(self._sinks) or len(self._recent) or not len(self._quantized):
+            return None
         views = self._quantized.views()
         keys, values = self._keys.small_codes(views), self._values.small_codes(views)
-        if keys is None or values is None:
+        return None if keys is None or values is None else (keys, values)
+
+    def _fused_output(self, queries, scale, n_threads):
+        """``(output,)`` from the fused float32 kernel, or None where it does not apply."""
+        small = self._small_codes()
+        if small is None:
             return None
-        (key_quantizer, key_codes), (value_quantizer, value_codes) = keys, values
+        (key_quantizer, key_codes), (value_quantizer, value_codes) = small
         rotated = np.empty((queries.shape[0], self.dim))
         _core.small_code_attention(
             key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
@@ -758,8 +766,35 @@ class MultiHeadKVCache:
         ndarray, shape (num_query_heads, head_dim) or (num_query_heads, m, head_dim)
         """
         n_threads = resolve_n_threads(n_threads)
-        _check_scale(scale, self.head_dim)
+        scale_value = _check_scale(scale, self.head_dim)
+        fused = self._fused_output_all(queries, scale_value, n_threads)
+        if fused is not None:
+            return fused
         return self._per_head(queries, lambda head, q: head.attention_output(q, scale, n_threads=n_threads))
+
+    def _fused_output_all(self, queries, scale, n_threads):
+        """Every head's output from one call of the fused float32 kernel (heads in
+        parallel), or None where it does not apply to every head."""
+        blocks, g, m, was_2d = self._grouped_queries(queries)
+        if blocks[0].dtype != np.float32:
+            return None
+        small = [head._small_codes() for head in self._heads]
+        if any(item is None for item in small):
+            return None
+        (key_quantizer, _), (value_quantizer, _) = small[0]
+        rotated = np.stack([keys[0].rotate(block, n_threads) for (keys, _), block in zip(small, blocks)])
+        def addresses(pick):
+            return np.array([pick(item).ctypes.data for item in small], dtype=np.uintp)
+        out = np.empty(rotated.shape)
+        _core.small_code_attention_heads(
+            addresses(lambda item: item[0][1].indices), addresses(lambda item: item[0][1].norms),
+            small[0][0][1].indices.shape[1], key_quantizer.bits, key_quantizer.codebook.centroids,
+            addresses(lambda item: item[1][1].indices), addresses(lambda item: item[1][1].norms),
+            small[0][1][1].indices.shape[1], value_quantizer.bits, value_quantizer.codebook.centroids,
+            self.num_tokens, rotated, scale, out, n_threads)
+        outputs = np.stack([values[0].unrotate(rows, n_threads) for (_, values), rows in zip(small, out)])
+        outputs = outputs.astype(np.float32).reshape(self.num_query_heads, m, self.head_dim)
+        return outputs[:, 0, :] if was_2d else outputs
 
     def concat_outputs(self, outputs):
         """Concatenate per-query-head outputs: ``(H, dim)`` -> ``(H*dim,)``, ``(H, m, dim)`` -> ``(m, H*dim)``."""
