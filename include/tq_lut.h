@@ -15,8 +15,8 @@
  * Both accumulate in float32 in a fixed order: a given build on a given
  * machine returns the same bits for the same inputs whatever the thread count
  * or chunking of the caller (chunks are whole rows). The AVX2+FMA path and the
- * AVX-512 and portable paths round differently (FMA, partial sums);
- * tq_lut_set_max_level caps the path so tests can compare them.
+ * AVX-512 and portable paths round differently (FMA, partial sums); the
+ * caller picks one with a kernel variant of tq_tile.h, like every kernel.
  */
 #ifndef TQ_LUT_H
 #define TQ_LUT_H
@@ -26,6 +26,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "tq_tile.h"
 
 /* CALL(k) with the literal k equal to `value` (1, 2, 3, or 4 for anything
  * else), so that an always_inline body is specialised for each k. */
@@ -41,10 +43,6 @@
 /* Queries scored together per pass over the codes (the decode is shared). */
 #define TQ_LUT_MAX_QUERIES 4
 
-/* Highest path allowed: 2 AVX-512, 1 AVX2 + FMA, 0 portable (lowered by tests). */
-static int tq_lut_max_level = 2;
-
-static inline void tq_lut_set_max_level(int level) { tq_lut_max_level = level; }
 
 /* Index j of a packed row (the bytes past the row's end are never read). */
 static inline uint32_t tq_lut_index(const uint8_t *row, ptrdiff_t j, int bits, ptrdiff_t row_bytes)
@@ -55,6 +53,16 @@ static inline uint32_t tq_lut_index(const uint8_t *row, ptrdiff_t j, int bits, p
     if (shift + bits > 8 && byte + 1 < row_bytes)
         word |= (uint32_t)row[byte + 1] << 8;
     return (word >> shift) & ((1u << bits) - 1u);
+}
+
+/* The first `count` (<= 8) bytes at p as a little-endian integer: the last
+ * groups of a row, where a full-width load would read past the row. */
+static inline uint64_t tq_lut_short_word(const uint8_t *p, int count)
+{
+    uint64_t word = 0;
+    for (int r = 0; r < count; r++)
+        word |= (uint64_t)p[r] << (8 * r);
+    return word;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -142,16 +150,6 @@ TQ_LUT_AVX2_INLINE __m256 tq_lut_decode(const tq_lut_decoder *dec, __m256i all, 
     return value;
 }
 
-/* The dword at p, or its first `bits` bytes when fewer than four are left in
- * the row (the last groups of a row). */
-static inline uint32_t tq_lut_short_dword(const uint8_t *p, const int bits)
-{
-    uint32_t word = 0;
-    for (int r = 0; r < bits; r++)
-        word |= (uint32_t)p[r] << (8 * r);
-    return word;
-}
-
 /* The dword starting at group g in every lane; a broadcast straight from memory
  * costs no shuffle. */
 TQ_LUT_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, const int bits,
@@ -160,7 +158,7 @@ TQ_LUT_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, co
     const uint8_t *p = row + g * bits;
     if (g < fast_groups)
         return _mm256_broadcastd_epi32(_mm_loadu_si32(p));
-    return _mm256_set1_epi32((int)tq_lut_short_dword(p, bits));
+    return _mm256_set1_epi32((int)tq_lut_short_word(p, bits));
 }
 
 TQ_LUT_AVX2_INLINE float tq_lut_hsum(__m256 v)
@@ -331,15 +329,6 @@ TQ_LUT_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroi
         dec.fast_blocks = row_bytes >= 4 ? (row_bytes - 4) / (2 * bits) + 1 : 0;
     }
     return dec;
-}
-
-/* The first `count` (< 8) bytes at p as a little-endian integer. */
-static inline uint64_t tq_lut_short_word(const uint8_t *p, int count)
-{
-    uint64_t word = 0;
-    for (int r = 0; r < count; r++)
-        word |= (uint64_t)p[r] << (8 * r);
-    return word;
 }
 
 /* Centroids of coordinates 16h .. 16h+15 of a row, in the lane order above. */
@@ -607,16 +596,16 @@ TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, pt
 #undef TQ_AVX512_SUM_BITS
 }
 
-/* The path to use: the best the processor has, at most tq_lut_max_level. */
-static inline int tq_lut_level(void)
+/* The path for kernel variant `variant` (tq_tile.h): these kernels' AVX2 path
+ * also needs FMA, so without it an AVX2 variant runs the portable path. */
+static inline int tq_lut_level(int variant)
 {
-    int level = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        level = __builtin_cpu_supports("avx512f") ? 2 : 1;
-    return level < tq_lut_max_level ? level : tq_lut_max_level;
+    if (variant == TQ_AVX2 && !__builtin_cpu_supports("fma"))
+        return TQ_PORTABLE;
+    return variant;
 }
 #else
-static inline int tq_lut_level(void) { return 0; }
+static inline int tq_lut_level(int variant) { (void)variant; return TQ_PORTABLE; }
 #endif
 
 /* ------------------------------------------------------------------------ */
@@ -719,12 +708,12 @@ TQ_LUT_AVX2_FN static double tq_exp_shifted_avx2(float *x, ptrdiff_t n, float sh
 
 /* x[i] = exp(x[i] - shift) for x[i] <= shift; returns the sum of the results
  * (in double, in a fixed order). */
-static inline double tq_exp_shifted(float *x, ptrdiff_t n, float shift)
+static inline double tq_exp_shifted(int variant, float *x, ptrdiff_t n, float shift)
 {
 #ifdef TQ_LUT_X86
-    switch (tq_lut_level()) {
-    case 2: return tq_exp_shifted_avx512(x, n, shift);
-    case 1: return tq_exp_shifted_avx2(x, n, shift);
+    switch (tq_lut_level(variant)) {
+    case TQ_AVX512: return tq_exp_shifted_avx512(x, n, shift);
+    case TQ_AVX2: return tq_exp_shifted_avx2(x, n, shift);
     }
 #endif
     return tq_exp_shifted_portable(x, n, shift);
@@ -734,28 +723,21 @@ static inline double tq_exp_shifted(float *x, ptrdiff_t n, float shift)
 /* Entry points                                                              */
 /* ------------------------------------------------------------------------ */
 
-/* Name of the path in use: "avx512", "avx2" or "portable". */
-static inline const char *tq_lut_path(void)
-{
-    static const char *names[3] = {"portable", "avx2", "avx512"};
-    return names[tq_lut_level()];
-}
-
 /* Scores of rows 0..n-1 for m <= TQ_LUT_MAX_QUERIES queries (rows of `queries`,
  * d floats each); out[q * out_stride + i]. bits in 1..TQ_LUT_MAX_BITS. When
  * `high` is not NULL, high[q] is raised to the largest score written for q. */
-static inline void tq_lut_scores(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes, int bits,
+static inline void tq_lut_scores(int variant, const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes, int bits,
                                  const float *centroids, const float *queries, ptrdiff_t m,
                                  ptrdiff_t d, const double *scales, float *out,
                                  ptrdiff_t out_stride, int accumulate, float *high)
 {
 #ifdef TQ_LUT_X86
-    switch (tq_lut_level()) {
-    case 2:
+    switch (tq_lut_level(variant)) {
+    case TQ_AVX512:
         tq_lut_scores_avx512(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
                              out_stride, accumulate, high);
         return;
-    case 1:
+    case TQ_AVX2:
         tq_lut_scores_avx2(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
                            out_stride, accumulate, high);
         return;
@@ -766,16 +748,16 @@ static inline void tq_lut_scores(const uint8_t *codes, ptrdiff_t n, ptrdiff_t ro
 }
 
 /* acc[j] += sum over rows 0..n-1 of (float)(weights[i] * scales[i]) * c[idx(i, j)]. */
-static inline void tq_lut_weighted_sum(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                        int bits, const float *centroids, const float *weights,
                                        const double *scales, ptrdiff_t d, float *acc)
 {
 #ifdef TQ_LUT_X86
-    switch (tq_lut_level()) {
-    case 2:
+    switch (tq_lut_level(variant)) {
+    case TQ_AVX512:
         tq_lut_weighted_sum_avx512(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
         return;
-    case 1:
+    case TQ_AVX2:
         tq_lut_weighted_sum_avx2(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
         return;
     }

@@ -63,15 +63,15 @@ cdef extern from "tq_lut.h" nogil:
     enum:
         TQ_LUT_MAX_BITS
         TQ_LUT_MAX_QUERIES
-    void tq_lut_set_max_level(int level)
-    void tq_lut_scores(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
+    uint32_t tq_lut_index(const uint8_t* row, Py_ssize_t j, int bits, Py_ssize_t row_bytes)
+    void tq_lut_scores(int variant, const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
                        const float* centroids, const float* queries, Py_ssize_t m, Py_ssize_t d,
                        const double* scales, float* out, Py_ssize_t out_stride, int accumulate,
                        float* high)
-    void tq_lut_weighted_sum(const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
+    void tq_lut_weighted_sum(int variant, const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
                              const float* centroids, const float* weights, const double* scales,
                              Py_ssize_t d, float* acc)
-    double tq_exp_shifted(float* x, Py_ssize_t n, float shift)
+    double tq_exp_shifted(int variant, float* x, Py_ssize_t n, float shift)
 
 cdef extern from "tq_openmp.h" nogil:
     int tq_openmp_enabled()
@@ -121,7 +121,6 @@ def _set_kernel_variant(name):
     if name not in names:
         raise ValueError(f"kernel variant must be one of {names}, got {name!r}")
     kernel_variant = names.index(name)
-    tq_lut_set_max_level(kernel_variant)
 
 
 # Below this many inner-loop steps a parallel region costs more than it saves
@@ -140,14 +139,8 @@ cdef inline int threads_for(Py_ssize_t work, int n_threads) noexcept nogil:
 
 cdef inline uint32_t read_index(const uint8_t* row, Py_ssize_t j, int bits,
                                 Py_ssize_t row_bytes) noexcept nogil:
-    """Bits ``j*bits .. j*bits + bits - 1`` of a packed row (bits past its end read as 0)."""
-    cdef Py_ssize_t bit = j * bits
-    cdef Py_ssize_t byte = bit >> 3
-    cdef int shift = bit & 7
-    cdef uint32_t word = row[byte]
-    if shift + bits > 8 and byte + 1 < row_bytes:
-        word |= (<uint32_t> row[byte + 1]) << 8
-    return (word >> shift) & ((1u << bits) - 1u)
+    """Bits ``j*bits .. j*bits + bits - 1`` of a packed row (include/tq_lut.h)."""
+    return tq_lut_index(row, j, bits, row_bytes)
 
 
 cdef inline void write_index(uint8_t* row, Py_ssize_t j, int bits,
@@ -540,6 +533,7 @@ cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[
     cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
     cdef Py_ssize_t n_chunks = (n + SMALL_CODE_ROWS - 1) // SMALL_CODE_ROWS, c, start, q0
+    cdef int variant = kernel_variant
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
     for c in prange(n_chunks, num_threads=threads_for_codes(n * m * row_bytes, min(<Py_ssize_t> n_threads, n_chunks)),
@@ -547,7 +541,7 @@ cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[
         start = c * SMALL_CODE_ROWS
         q0 = 0
         while q0 < m:
-            tq_lut_scores(&codes[start, 0], min(<Py_ssize_t> SMALL_CODE_ROWS, n - start), row_bytes, bits,
+            tq_lut_scores(variant, &codes[start, 0], min(<Py_ssize_t> SMALL_CODE_ROWS, n - start), row_bytes, bits,
                           cents, &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
                           &scales[start], &out[q0, start], n, accumulate, NULL)
             q0 = q0 + TQ_LUT_MAX_QUERIES
@@ -683,6 +677,7 @@ cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const d
     cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
     cdef Py_ssize_t row_bytes = codes.shape[1], n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t c, q, j, start
+    cdef int variant = kernel_variant
     cdef float* acc
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
@@ -691,7 +686,7 @@ cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const d
         for q in range(m):
             acc = partial + (c * m + q) * d
             memset(acc, 0, d * sizeof(float))
-            tq_lut_weighted_sum(&codes[start, 0], min(chunk, n - start), row_bytes, bits, cents,
+            tq_lut_weighted_sum(variant, &codes[start, 0], min(chunk, n - start), row_bytes, bits, cents,
                                 &weights[q, start], &scales[start], d, acc)
     for c in range(n_chunks):
         for q in range(m):
@@ -806,6 +801,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK), c, q, q0, i, j, start, count, b0, mb
     cdef int team = threads_for_codes(n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, n_chunks))
+    cdef int variant = kernel_variant
     cdef float high
     cdef double total
     cdef double* acc
@@ -835,7 +831,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                 chunk_max[c * mb + q] = -INFINITY
             q0 = 0
             while q0 < mb:
-                tq_lut_scores(key_codes + start * key_bytes, count, key_bytes, key_bits, key_cents,
+                tq_lut_scores(variant, key_codes + start * key_bytes, count, key_bytes, key_bits, key_cents,
                               queries + (b0 + q0) * d, min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
                               d, scales + start, logits + q0 * n + start, n, 0,
                               chunk_max + c * mb + q0)
@@ -849,9 +845,9 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                 for j in range(1, n_chunks):
                     if chunk_max[j * mb + q] > high:
                         high = chunk_max[j * mb + q]
-                chunk_sum[c * mb + q] = tq_exp_shifted(logits + q * n + start, count, high)
+                chunk_sum[c * mb + q] = tq_exp_shifted(variant, logits + q * n + start, count, high)
                 memset(partial + (c * mb + q) * d, 0, d * sizeof(float))
-                tq_lut_weighted_sum(value_codes + start * value_bytes, count, value_bytes, value_bits,
+                tq_lut_weighted_sum(variant, value_codes + start * value_bytes, count, value_bytes, value_bits,
                                     value_cents, logits + q * n + start, scales + n + start, d,
                                     partial + (c * mb + q) * d)
         for q in range(mb):

@@ -522,42 +522,47 @@ class QuantizedKVCache:
         queries, was_1d = self._queries(query)
         scale = _check_scale(scale, self.dim)
         n_threads = resolve_n_threads(n_threads)
-        n_sinks, n_quant, n_recent = len(self._sinks), len(self._quantized), len(self._recent)
-        fused = (queries.dtype == np.float32 and n_quant and not n_sinks and not n_recent
-                 and self._fused_output(queries, scale, n_threads))
-        if fused:
-            out = fused[0]
-        elif n_sinks + n_quant + n_recent == 0:
-            out = np.zeros((queries.shape[0], self.dim))
-        else:
-            weights = self._weights(queries, scale, n_threads)
-            if n_quant:
-                block = weights if n_quant == weights.shape[1] else np.ascontiguousarray(
-                    weights[:, n_sinks:n_sinks + n_quant])
-                out = self._values.weighted_sum(self._quantized.views(), block, n_threads)
-            else:
-                out = np.zeros((queries.shape[0], self.dim))
-            if n_sinks:
-                out += weights[:, :n_sinks] @ self._sinks.views()["v"]
-            if n_recent:
-                out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
+        out = self._fused_output(queries, scale, n_threads)
+        if out is None:
+            out = self._weighted_values(queries, scale, n_threads)
         out = out.astype(queries.dtype, copy=False)
         return out[0] if was_1d else out
 
-    def _small_codes(self):
-        """``((key quantizer, key codes), (value quantizer, value codes))`` when every
-        token is quantized with MSE codes of at most SMALL_CODE_BITS bits (the fused
-        float32 kernel applies), else None. A key center only shifts every score
-        of a query by the same amount, which the softmax ignores."""
-        if len(self._sinks) or len(self._recent) or not len(self._quantized):
+    def _weighted_values(self, queries, scale, n_threads):
+        """(m, dim) float64 ``softmax(scale * scores) @ values`` over the three regions."""
+        n_sinks, n_quant, n_recent = len(self._sinks), len(self._quantized), len(self._recent)
+        if n_sinks + n_quant + n_recent == 0:
+            return np.zeros((queries.shape[0], self.dim))
+        weights = self._weights(queries, scale, n_threads)
+        if n_quant:
+            block = weights if n_quant == weights.shape[1] else np.ascontiguousarray(
+                weights[:, n_sinks:n_sinks + n_quant])
+            out = self._values.weighted_sum(self._quantized.views(), block, n_threads)
+        else:
+            out = np.zeros((queries.shape[0], self.dim))
+        if n_sinks:
+            out += weights[:, :n_sinks] @ self._sinks.views()["v"]
+        if n_recent:
+            out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
+        return out
+
+    def _small_codes(self, queries):
+        """``((key quantizer, key codes), (value quantizer, value codes))`` when the
+        fused float32 kernel applies: float32 ``queries`` and every token quantized
+        with MSE codes of at most SMALL_CODE_BITS bits; else None. A key center
+        only shifts every score of a query by the same amount, which the softmax
+        ignores."""
+        if (queries.dtype != np.float32 or len(self._sinks) or len(self._recent)
+                or not len(self._quantized)):
             return None
         views = self._quantized.views()
         keys, values = self._keys.small_codes(views), self._values.small_codes(views)
         return None if keys is None or values is None else (keys, values)
 
     def _fused_output(self, queries, scale, n_threads):
-        """``(output,)`` from the fused float32 kernel, or None where it does not apply."""
-        small = self._small_codes()
+        """The (m, dim) float64 output of the fused float32 kernel, or None where it
+        does not apply."""
+        small = self._small_codes(queries)
         if small is None:
             return None
         (key_quantizer, key_codes), (value_quantizer, value_codes) = small
@@ -566,7 +571,7 @@ class QuantizedKVCache:
             key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
             value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids,
             value_codes.norms, key_quantizer.rotate(queries, n_threads), scale, rotated, n_threads)
-        return (value_quantizer.unrotate(rotated, n_threads),)
+        return value_quantizer.unrotate(rotated, n_threads)
 
     def _reconstruct(self, which, dtype, n_threads):
         dtype = np.dtype(dtype)
@@ -776,23 +781,24 @@ class MultiHeadKVCache:
         """Every head's output from one call of the fused float32 kernel (heads in
         parallel), or None where it does not apply to every head."""
         blocks, g, m, was_2d = self._grouped_queries(queries)
-        if blocks[0].dtype != np.float32:
-            return None
-        small = [head._small_codes() for head in self._heads]
+        small = [head._small_codes(block) for head, block in zip(self._heads, blocks)]
         if any(item is None for item in small):
             return None
-        (key_quantizer, _), (value_quantizer, _) = small[0]
-        rotated = np.stack([keys[0].rotate(block, n_threads) for (keys, _), block in zip(small, blocks)])
-        def addresses(pick):
-            return np.array([pick(item).ctypes.data for item in small], dtype=np.uintp)
+        keys, values = zip(*small)                 # (quantizer, codes) of every head
+        key_quantizer, value_quantizer = keys[0][0], values[0][0]
+
+        def addresses(codes, name):
+            return np.array([getattr(c, name).ctypes.data for _, c in codes], dtype=np.uintp)
+
+        rotated = np.stack([quantizer.rotate(block, n_threads) for (quantizer, _), block in zip(keys, blocks)])
         out = np.empty(rotated.shape)
         _core.small_code_attention_heads(
-            addresses(lambda item: item[0][1].indices), addresses(lambda item: item[0][1].norms),
-            small[0][0][1].indices.shape[1], key_quantizer.bits, key_quantizer.codebook.centroids,
-            addresses(lambda item: item[1][1].indices), addresses(lambda item: item[1][1].norms),
-            small[0][1][1].indices.shape[1], value_quantizer.bits, value_quantizer.codebook.centroids,
+            addresses(keys, "indices"), addresses(keys, "norms"), keys[0][1].indices.shape[1],
+            key_quantizer.bits, key_quantizer.codebook.centroids,
+            addresses(values, "indices"), addresses(values, "norms"), values[0][1].indices.shape[1],
+            value_quantizer.bits, value_quantizer.codebook.centroids,
             self.num_tokens, rotated, scale, out, n_threads)
-        outputs = np.stack([values[0].unrotate(rows, n_threads) for (_, values), rows in zip(small, out)])
+        outputs = np.stack([quantizer.unrotate(rows, n_threads) for (quantizer, _), rows in zip(values, out)])
         outputs = outputs.astype(np.float32).reshape(self.num_query_heads, m, self.head_dim)
         return outputs[:, 0, :] if was_2d else outputs
 
