@@ -298,8 +298,8 @@ TQ_LUT_AVX2_FN static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdif
  *              3 bytes further for lanes 8-15; lane k is coordinate k;
  *   4 bits:    one qword; lane 2k is coordinate k and lane 2k+1 coordinate
  *              8 + k ("interleaved": queries and sums are permuted to match). */
-#define TQ_LUT_AVX512_FN __attribute__((target("avx512f,avx2,fma")))
-#define TQ_LUT_AVX512_INLINE __attribute__((target("avx512f,avx2,fma"), always_inline)) static inline
+#define TQ_LUT_AVX512_FN __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define TQ_LUT_AVX512_INLINE __attribute__((target("avx512f,avx512dq,avx2,fma"), always_inline)) static inline
 #define TQ_LUT_INTERLEAVED(bits) ((bits) == 4)
 
 typedef struct {
@@ -427,9 +427,50 @@ TQ_LUT_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
 }
 
-/* Rows in blocks of 16: each row's products for up to TQ_LUT_MAX_QUERIES
- * queries (decoded once) go to `partial`, then tq_lut_sum16 reduces sixteen
- * rows at once. A row's score is the same arithmetic wherever it sits. */
+/* The products of R (1 or 2) consecutive rows with m queries in the lanes
+ * of the decoder (lane_queries, `width` floats per query): sum[r * m + q] is
+ * a vector whose lanes add up to row r's score over the whole blocks. Rows
+ * share the query loads and their FMA chains overlap, but each row's
+ * arithmetic is the same as on its own. */
+TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const uint8_t *row,
+                                          ptrdiff_t row_bytes, const int R, const int bits,
+                                          const float *lane_queries, const int m, ptrdiff_t width,
+                                          __m512 *sum)
+{
+    const ptrdiff_t blocks = width / 16, pairs = blocks / 2;
+    __m512 even[2 * TQ_LUT_MAX_QUERIES], odd[2 * TQ_LUT_MAX_QUERIES];
+    for (int k = 0; k < R * m; k++)
+        even[k] = odd[k] = _mm512_setzero_ps();
+    for (ptrdiff_t p = 0; p < pairs; p++) {
+        __m512 a[2], b[2];
+        for (int r = 0; r < R; r++)
+            tq_lut_decode_pair(dec, row + r * row_bytes, p, bits, &a[r], &b[r]);
+        for (int q = 0; q < m; q++) {
+            const __m512 qa = _mm512_loadu_ps(lane_queries + q * width + 32 * p);
+            const __m512 qb = _mm512_loadu_ps(lane_queries + q * width + 32 * p + 16);
+            for (int r = 0; r < R; r++) {
+                even[r * m + q] = _mm512_fmadd_ps(a[r], qa, even[r * m + q]);
+                odd[r * m + q] = _mm512_fmadd_ps(b[r], qb, odd[r * m + q]);
+            }
+        }
+    }
+    if (blocks & 1) {
+        for (int r = 0; r < R; r++) {
+            const __m512 a = tq_lut_decode16(dec, row + r * row_bytes, blocks - 1, bits);
+            for (int q = 0; q < m; q++)
+                even[r * m + q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + width - 16),
+                                                  even[r * m + q]);
+        }
+    }
+    for (int k = 0; k < R * m; k++)
+        sum[k] = _mm512_add_ps(even[k], odd[k]);
+}
+
+/* Rows in blocks of 16, two at a time (tq_lut_row_products), then
+ * tq_lut_sum16 reduces sixteen rows at once; a whole block with no
+ * coordinates past the last whole 16 is scaled and stored with vector
+ * instructions doing the scalar path's arithmetic. A row's score is the same
+ * arithmetic wherever it sits. */
 TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                                 const int bits, const float *centroids,
                                                 const float *queries, const int m, ptrdiff_t d,
@@ -459,41 +500,57 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
     }
     for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {
         const int rows = n - i0 < 16 ? (int)(n - i0) : 16;
-        for (int t = 0; t < 16; t++) {
-            __m512 even[TQ_LUT_MAX_QUERIES], odd[TQ_LUT_MAX_QUERIES];
-            for (int q = 0; q < m; q++)
-                even[q] = odd[q] = _mm512_setzero_ps();
-            if (t < rows) {
-                const uint8_t *row = codes + (i0 + t) * row_bytes;
-                for (ptrdiff_t p = 0; p < pairs; p++) {
-                    __m512 a, b;
-                    tq_lut_decode_pair(&dec, row, p, bits, &a, &b);
-                    for (int q = 0; q < m; q++) {
-                        even[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + 32 * p), even[q]);
-                        odd[q] = _mm512_fmadd_ps(b, _mm512_loadu_ps(lane_queries + q * width + 32 * p + 16), odd[q]);
-                    }
-                }
-                if (blocks & 1) {
-                    __m512 a = tq_lut_decode16(&dec, row, blocks - 1, bits);
-                    for (int q = 0; q < m; q++)
-                        even[q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + width - 16), even[q]);
+        const uint8_t *block = codes + i0 * row_bytes;
+        if (rows == 16) {
+#pragma GCC unroll 8
+            for (int t = 0; t < 16; t += 2) {
+                __m512 sum[2 * TQ_LUT_MAX_QUERIES];
+                tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, 2, bits, lane_queries, m, width, sum);
+                for (int q = 0; q < m; q++) {
+                    partial[q][t] = sum[q];
+                    partial[q][t + 1] = sum[m + q];
                 }
             }
-            for (int q = 0; q < m; q++)
-                partial[q][t] = _mm512_add_ps(even[q], odd[q]);
+        } else {
+            for (int t = 0; t < 16; t++) {
+                __m512 sum[TQ_LUT_MAX_QUERIES];
+                if (t < rows)
+                    tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, 1, bits, lane_queries, m, width, sum);
+                for (int q = 0; q < m; q++)
+                    partial[q][t] = t < rows ? sum[q] : _mm512_setzero_ps();
+            }
         }
         for (int q = 0; q < m; q++) {
-            _mm512_storeu_ps(sums, tq_lut_sum16(partial[q]));
+            const __m512 total = tq_lut_sum16(partial[q]);
+            float *dst = out + q * out_stride + i0;
+            if (rows == 16 && width == d) {
+                const __m512d lo = _mm512_mul_pd(_mm512_loadu_pd(scales + i0),
+                                                 _mm512_cvtps_pd(_mm512_castps512_ps256(total)));
+                const __m512d hi = _mm512_mul_pd(_mm512_loadu_pd(scales + i0 + 8),
+                                                 _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                     _mm512_extractf64x4_pd(_mm512_castps_pd(total), 1))));
+                __m512 value = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)),
+                                                  _mm512_cvtpd_ps(hi), 1);
+                if (accumulate)
+                    value = _mm512_add_ps(_mm512_loadu_ps(dst), value);
+                _mm512_storeu_ps(dst, value);
+                if (high != NULL) {
+                    const float top = _mm512_reduce_max_ps(value);
+                    if (top > high[q])
+                        high[q] = top;
+                }
+                continue;
+            }
+            _mm512_storeu_ps(sums, total);
             for (int t = 0; t < rows; t++) {
-                const uint8_t *row = codes + (i0 + t) * row_bytes;
+                const uint8_t *row = block + t * row_bytes;
                 float acc = sums[t];
                 for (ptrdiff_t j = width; j < d; j++)
                     acc += queries[q * d + j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
                 float value = (float)(scales[i0 + t] * (double)acc);
-                float *dst = out + q * out_stride + i0 + t;
-                *dst = accumulate ? *dst + value : value;
-            if (high != NULL && *dst > high[q])
-                high[q] = *dst;
+                dst[t] = accumulate ? dst[t] + value : value;
+                if (high != NULL && dst[t] > high[q])
+                    high[q] = dst[t];
             }
         }
     }
@@ -731,20 +788,32 @@ static inline void tq_lut_scores(int variant, const uint8_t *codes, ptrdiff_t n,
                                  ptrdiff_t d, const double *scales, float *out,
                                  ptrdiff_t out_stride, int accumulate, float *high)
 {
+    /* The running maxima live on this thread's stack: callers' maxima of
+     * neighbouring chunks share cache lines, which threads would fight over. */
+    float top[TQ_LUT_MAX_QUERIES];
+    float *local = high != NULL ? top : NULL;
+    if (high != NULL)
+        memcpy(top, high, sizeof(float) * (size_t)m);
 #ifdef TQ_LUT_X86
     switch (tq_lut_level(variant)) {
     case TQ_AVX512:
         tq_lut_scores_avx512(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                             out_stride, accumulate, high);
-        return;
+                             out_stride, accumulate, local);
+        break;
     case TQ_AVX2:
         tq_lut_scores_avx2(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                           out_stride, accumulate, high);
-        return;
+                           out_stride, accumulate, local);
+        break;
+    default:
+        tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
+                               out_stride, accumulate, local);
     }
-#endif
+#else
     tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                           out_stride, accumulate, high);
+                           out_stride, accumulate, local);
+#endif
+    if (high != NULL)
+        memcpy(high, top, sizeof(float) * (size_t)m);
 }
 
 /* acc[j] += sum over rows 0..n-1 of (float)(weights[i] * scales[i]) * c[idx(i, j)]. */

@@ -76,7 +76,7 @@ def small_code_attention(
     value_norms: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float32],
     scale: float,
-    out: _F64,
+    out: npt.NDArray[np.float32],
     n_threads: int,
 ) -> None: ...
 def small_code_attention_heads(
@@ -96,4 +96,4 @@ def small_code_attention_heads(
     out: npt.NDArray[np.float64],
     n_threads: int,
 ) -> None: ...
-def small_product(x: _Float, matrix: _Float, transpose: bool, out: _Float) -> None: ...
+def small_product(x: _Float, matrix: _Float, out: _Float) -> None: ...

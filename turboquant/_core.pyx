@@ -55,9 +55,9 @@ cdef extern from "tq_quantize.h" nogil:
 
 cdef extern from "tq_matrix.h" nogil:
     void tq_small_product_f(int variant, const float* x, Py_ssize_t m, Py_ssize_t d,
-                            const float* mat, int transpose, float* out)
+                            const float* mat, float* out)
     void tq_small_product_d(int variant, const double* x, Py_ssize_t m, Py_ssize_t d,
-                            const double* mat, int transpose, double* out)
+                            const double* mat, double* out)
 
 cdef extern from "tq_lut.h" nogil:
     enum:
@@ -794,7 +794,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                             int key_bits, const float* key_cents, const uint8_t* value_codes,
                             const float* value_norms, Py_ssize_t value_bytes, int value_bits,
                             const float* value_cents, Py_ssize_t n, const float* queries,
-                            Py_ssize_t m, Py_ssize_t d, double scale, double* out,
+                            Py_ssize_t m, Py_ssize_t d, double scale, float* out,
                             int n_threads) noexcept nogil:
     """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous);
     ``out`` (m, d) is written. Returns -1 when out of memory, else 0."""
@@ -804,13 +804,14 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     cdef int variant = kernel_variant
     cdef float high
     cdef double total
-    cdef double* acc
+    cdef double* acc = <double*> malloc(d * sizeof(double))
     cdef float* logits = <float*> malloc(block * n * sizeof(float))
     cdef float* chunk_max = <float*> malloc(n_chunks * block * sizeof(float))
     cdef double* chunk_sum = <double*> malloc(n_chunks * block * sizeof(double))
     cdef double* scales = <double*> malloc(2 * n * sizeof(double))
     cdef float* partial = <float*> malloc(n_chunks * block * d * sizeof(float))
-    if not (logits and chunk_max and chunk_sum and scales and partial):
+    if not (acc and logits and chunk_max and chunk_sum and scales and partial):
+        free(acc)
         free(logits)
         free(chunk_max)
         free(chunk_sum)
@@ -851,7 +852,6 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                                     value_cents, logits + q * n + start, scales + n + start, d,
                                     partial + (c * mb + q) * d)
         for q in range(mb):
-            acc = out + (b0 + q) * d
             for j in range(d):
                 acc[j] = 0.0
             total = 0.0
@@ -860,8 +860,9 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                 for j in range(d):
                     acc[j] += partial[(c * mb + q) * d + j]
             for j in range(d):
-                acc[j] = acc[j] / total
+                out[(b0 + q) * d + j] = <float> (acc[j] / total)
         b0 = b0 + block
+    free(acc)
     free(logits)
     free(chunk_max)
     free(chunk_sum)
@@ -873,7 +874,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
 def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
                          const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
                          const double[::1] value_centroids, const float[::1] value_norms,
-                         const float[:, ::1] queries, double scale, double[:, ::1] out, int n_threads):
+                         const float[:, ::1] queries, double scale, float[:, ::1] out, int n_threads):
     """Softmax attention over MSE-coded keys and values in one pass, float32.
 
     ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
@@ -894,7 +895,7 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     value_codes : (n, ceil(d*value_bits/8)) uint8
     queries : (m, d) float32
     scale : float
-    out : (m, d) float64, written
+    out : (m, d) float32, written
     n_threads : int >= 1
     """
     cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
@@ -920,7 +921,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
                                const uintptr_t[::1] value_codes, const uintptr_t[::1] value_norms,
                                Py_ssize_t value_bytes, int value_bits, const double[::1] value_centroids,
                                Py_ssize_t n, const float[:, :, ::1] queries, double scale,
-                               double[:, :, ::1] out, int n_threads):
+                               float[:, :, ::1] out, int n_threads):
     """:func:`small_code_attention` for every head of a multi-head cache in one call.
 
     Head ``h`` (one thread per head, the heads spread over the team) attends
@@ -940,7 +941,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     n : int, rows per head
     queries : (heads, m, d) float32, in each head's key domain
     scale : float
-    out : (heads, m, d) float64, written, in each head's value domain
+    out : (heads, m, d) float32, written, in each head's value domain
     n_threads : int >= 1
     """
     cdef Py_ssize_t heads = queries.shape[0], m = queries.shape[1], d = queries.shape[2], h
@@ -967,11 +968,11 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
 # Small dense products (rotating a few queries)
 # ---------------------------------------------------------------------------
 
-def small_product(const floating[:, ::1] x, const floating[:, ::1] matrix, bint transpose,
-                  floating[:, ::1] out):
-    """``out = x @ matrix.T`` (or ``x @ matrix`` when ``transpose``) for a few rows.
+def small_product(const floating[:, ::1] x, const floating[:, ::1] matrix, floating[:, ::1] out):
+    """``out = x @ matrix`` for a few rows.
 
-    For the handful of query rows a read rotates: a fixed-order loop
+    For the handful of query rows a read rotates (``x @ M.T`` is ``x @ (M.T)``
+    with the transpose made contiguous by the caller): a fixed-order loop
     (include/tq_matrix.h) that costs less than a BLAS call's thread hand-offs.
     Single-threaded.
 
@@ -979,7 +980,6 @@ def small_product(const floating[:, ::1] x, const floating[:, ::1] matrix, bint 
     ----------
     x : (m, d) float32 or float64
     matrix : (d, d), same dtype
-    transpose : bool
     out : (m, d), same dtype, written (may not alias ``x``)
     """
     cdef Py_ssize_t m = x.shape[0], d = x.shape[1]
@@ -987,6 +987,6 @@ def small_product(const floating[:, ::1] x, const floating[:, ::1] matrix, bint 
         return
     with nogil:
         if floating is float:
-            tq_small_product_f(kernel_variant, &x[0, 0], m, d, &matrix[0, 0], transpose, &out[0, 0])
+            tq_small_product_f(kernel_variant, &x[0, 0], m, d, &matrix[0, 0], &out[0, 0])
         else:
-            tq_small_product_d(kernel_variant, &x[0, 0], m, d, &matrix[0, 0], transpose, &out[0, 0])
+            tq_small_product_d(kernel_variant, &x[0, 0], m, d, &matrix[0, 0], &out[0, 0])

@@ -560,13 +560,13 @@ class QuantizedKVCache:
         return None if keys is None or values is None else (keys, values)
 
     def _fused_output(self, queries, scale, n_threads):
-        """The (m, dim) float64 output of the fused float32 kernel, or None where it
+        """The (m, dim) float32 output of the fused float32 kernel, or None where it
         does not apply."""
         small = self._small_codes(queries)
         if small is None:
             return None
         (key_quantizer, key_codes), (value_quantizer, value_codes) = small
-        rotated = np.empty((queries.shape[0], self.dim))
+        rotated = np.empty((queries.shape[0], self.dim), dtype=np.float32)
         _core.small_code_attention(
             key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
             value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids,
@@ -791,7 +791,7 @@ class MultiHeadKVCache:
             return np.array([getattr(c, name).ctypes.data for _, c in codes], dtype=np.uintp)
 
         rotated = np.stack([quantizer.rotate(block, n_threads) for (quantizer, _), block in zip(keys, blocks)])
-        out = np.empty(rotated.shape)
+        out = np.empty(rotated.shape, dtype=np.float32)
         _core.small_code_attention_heads(
             addresses(keys, "indices"), addresses(keys, "norms"), keys[0][1].indices.shape[1],
             key_quantizer.bits, key_quantizer.codebook.centroids,
@@ -799,7 +799,7 @@ class MultiHeadKVCache:
             value_quantizer.bits, value_quantizer.codebook.centroids,
             self.num_tokens, rotated, scale, out, n_threads)
         outputs = np.stack([quantizer.unrotate(rows, n_threads) for (quantizer, _), rows in zip(values, out)])
-        outputs = outputs.astype(np.float32).reshape(self.num_query_heads, m, self.head_dim)
+        outputs = outputs.reshape(self.num_query_heads, m, self.head_dim)
         return outputs[:, 0, :] if was_2d else outputs
 
     def concat_outputs(self, outputs):

@@ -60,17 +60,29 @@ class _MatrixTransform:
     def __init__(self, matrix):
         self.matrix = _readonly(np.ascontiguousarray(matrix, dtype=np.float64))
         self._matrix32 = _readonly(self.matrix.astype(np.float32))
+        self._small_operands = {}
 
     def _for(self, dtype):
         return self._matrix32 if dtype == np.float32 else self.matrix
 
+    def _small_operand(self, dtype, transpose):
+        """The C-contiguous B with ``x @ B`` the product (``matrix.T`` unless
+        ``transpose``), made once per dtype and direction."""
+        key = (dtype.char, transpose)
+        operand = self._small_operands.get(key)
+        if operand is None:
+            matrix = self._for(dtype)
+            operand = _readonly(np.ascontiguousarray(matrix if transpose else matrix.T))
+            operand = self._small_operands.setdefault(key, operand)
+        return operand
+
     def _product(self, x, transpose):
-        matrix = self._for(x.dtype)
-        if x.shape[0] * matrix.size <= SMALL_PRODUCT_WORK:
+        if x.shape[0] * self.matrix.size <= SMALL_PRODUCT_WORK:
             # A few rows (queries): a plain loop beats a BLAS call and its thread hand-offs.
             out = np.empty(x.shape, dtype=x.dtype)
-            _core.small_product(np.ascontiguousarray(x), matrix, transpose, out)
+            _core.small_product(np.ascontiguousarray(x), self._small_operand(x.dtype, transpose), out)
             return out
+        matrix = self._for(x.dtype)
         return np.ascontiguousarray(x @ (matrix if transpose else matrix.T))
 
     def apply(self, x, n_threads):
