@@ -10,7 +10,7 @@
  * are done one by one.
  *
  *   tq_lut_scores:       out[q, i] (+)= scales[i] * sum_j queries[q, j] * c[idx(i, j)]
- *   tq_lut_weighted_sum: acc[j]    +=  sum_i weights[i] * scales[i] * c[idx(i, j)]
+ *   tq_lut_weighted_sum: acc[j]    +=  sum_i (float)(weights[i] * scales[i]) * c[idx(i, j)]
  *
  * Both accumulate in float32 in a fixed order: a given build on a given
  * machine returns the same bits for the same inputs whatever the thread count
@@ -92,11 +92,11 @@ static void tq_lut_scores_portable(const uint8_t *codes, ptrdiff_t n, ptrdiff_t 
 
 static void tq_lut_weighted_sum_portable(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                          int bits, const float *centroids, const float *weights,
-                                         const double *scales, ptrdiff_t d, float *acc)
+                                         ptrdiff_t d, float *acc)
 {
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
-        const float w = (float)((double)weights[i] * scales[i]);
+        const float w = weights[i];
         for (ptrdiff_t j = 0; j < d; j++)
             acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
     }
@@ -236,15 +236,14 @@ TQ_LUT_AVX2_FN static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n,
  * rows with the accumulators in registers. */
 TQ_LUT_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const uint8_t *codes,
                                            ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
-                                           const float *weights, const double *scales,
-                                           ptrdiff_t g0, ptrdiff_t fast_groups, float *acc)
+                                           const float *weights, ptrdiff_t g0, ptrdiff_t fast_groups, float *acc)
 {
     __m256 a[8];
     for (int k = 0; k < 8; k++)
         a[k] = _mm256_loadu_ps(acc + 8 * (g0 + k));
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
-        const __m256 w = _mm256_set1_ps((float)((double)weights[i] * scales[i]));
+        const __m256 w = _mm256_broadcast_ss(weights + i);
         for (int k = 0; k < 8; k++)
             a[k] = _mm256_fmadd_ps(tq_lut_decode(dec, tq_lut_group_word(row, g0 + k, bits, fast_groups), bits),
                                    w, a[k]);
@@ -256,18 +255,18 @@ TQ_LUT_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const 
 TQ_LUT_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrdiff_t n,
                                                   ptrdiff_t row_bytes, const int bits,
                                                   const float *centroids, const float *weights,
-                                                  const double *scales, ptrdiff_t d, float *acc)
+                                                  ptrdiff_t d, float *acc)
 {
     const tq_lut_decoder dec = tq_lut_decoder_make(centroids, bits);
     const ptrdiff_t groups = d / 8;
     const ptrdiff_t fast_groups = row_bytes >= 4 ? (row_bytes - 4) / bits + 1 : 0;
     ptrdiff_t g0 = 0;
     for (; g0 + 8 <= groups; g0 += 8)
-        tq_lut_weighted_block8(&dec, codes, n, row_bytes, bits, weights, scales, g0, fast_groups, acc);
+        tq_lut_weighted_block8(&dec, codes, n, row_bytes, bits, weights, g0, fast_groups, acc);
     for (ptrdiff_t g = g0; g < groups; g++) {
         __m256 a = _mm256_loadu_ps(acc + 8 * g);
         for (ptrdiff_t i = 0; i < n; i++) {
-            const __m256 w = _mm256_set1_ps((float)((double)weights[i] * scales[i]));
+            const __m256 w = _mm256_broadcast_ss(weights + i);
             a = _mm256_fmadd_ps(tq_lut_decode(&dec, tq_lut_group_word(codes + i * row_bytes, g, bits, fast_groups), bits),
                                 w, a);
         }
@@ -275,7 +274,7 @@ TQ_LUT_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrd
     }
     for (ptrdiff_t i = 0; i < n && 8 * groups < d; i++) {
         const uint8_t *row = codes + i * row_bytes;
-        const float w = (float)((double)weights[i] * scales[i]);
+        const float w = weights[i];
         for (ptrdiff_t j = 8 * groups; j < d; j++)
             acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
     }
@@ -283,9 +282,9 @@ TQ_LUT_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrd
 
 TQ_LUT_AVX2_FN static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                              int bits, const float *centroids, const float *weights,
-                                             const double *scales, ptrdiff_t d, float *acc)
+                                             ptrdiff_t d, float *acc)
 {
-#define TQ_AVX2_SUM_BITS(K) tq_lut_weighted_sum_avx2_bits(codes, n, row_bytes, K, centroids, weights, scales, d, acc)
+#define TQ_AVX2_SUM_BITS(K) tq_lut_weighted_sum_avx2_bits(codes, n, row_bytes, K, centroids, weights, d, acc)
     TQ_LUT_DISPATCH4(bits, TQ_AVX2_SUM_BITS)
 #undef TQ_AVX2_SUM_BITS
 }
@@ -587,8 +586,7 @@ TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_
 /* `count` (<= 4) pairs from pair p0, the accumulators in registers. */
 TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const uint8_t *codes,
                                             ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
-                                            const float *weights, const double *scales,
-                                            ptrdiff_t p0, const int count, float *acc)
+                                            const float *weights, ptrdiff_t p0, const int count, float *acc)
 {
     __m512 a[8];
     for (int k = 0; k < count; k++) {
@@ -598,7 +596,7 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, con
     }
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
-        const __m512 w = _mm512_set1_ps((float)((double)weights[i] * scales[i]));
+        const __m512 w = _mm512_set1_ps(weights[i]);
         for (int k = 0; k < count; k++) {
             __m512 lo, hi;
             tq_lut_decode_pair(dec, row, p0 + k, bits, &lo, &hi);
@@ -616,29 +614,29 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, con
 TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
                                                       ptrdiff_t row_bytes, const int bits,
                                                       const float *centroids, const float *weights,
-                                                      const double *scales, ptrdiff_t d, float *acc)
+                                                      ptrdiff_t d, float *acc)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
     const ptrdiff_t blocks = d / 16, pairs = blocks / 2;
     ptrdiff_t p0 = 0;
     for (; p0 + 4 <= pairs; p0 += 4)
-        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, scales, p0, 4, acc);
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, p0, 4, acc);
     for (; p0 < pairs; p0++)
-        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, scales, p0, 1, acc);
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, p0, 1, acc);
     if (blocks & 1) {
         const ptrdiff_t h = blocks - 1;
         __m512 a = _mm512_loadu_ps(acc + 16 * h);
         if (TQ_LUT_INTERLEAVED(bits))
             a = tq_lut_interleave(a);
         for (ptrdiff_t i = 0; i < n; i++) {
-            const __m512 w = _mm512_set1_ps((float)((double)weights[i] * scales[i]));
+            const __m512 w = _mm512_set1_ps(weights[i]);
             a = _mm512_fmadd_ps(tq_lut_decode16(&dec, codes + i * row_bytes, h, bits), w, a);
         }
         _mm512_storeu_ps(acc + 16 * h, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
     }
     for (ptrdiff_t i = 0; i < n && 16 * blocks < d; i++) {
         const uint8_t *row = codes + i * row_bytes;
-        const float w = (float)((double)weights[i] * scales[i]);
+        const float w = weights[i];
         for (ptrdiff_t j = 16 * blocks; j < d; j++)
             acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
     }
@@ -646,9 +644,9 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, 
 
 TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                                  int bits, const float *centroids, const float *weights,
-                                                 const double *scales, ptrdiff_t d, float *acc)
+                                                 ptrdiff_t d, float *acc)
 {
-#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, scales, d, acc)
+#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, d, acc)
     TQ_LUT_DISPATCH4(bits, TQ_AVX512_SUM_BITS)
 #undef TQ_AVX512_SUM_BITS
 }
@@ -816,22 +814,33 @@ static inline void tq_lut_scores(int variant, const uint8_t *codes, ptrdiff_t n,
         memcpy(high, top, sizeof(float) * (size_t)m);
 }
 
+/* Rows per pass of tq_lut_weighted_sum: their weights are scaled first, into
+ * a buffer on the stack. */
+#define TQ_LUT_WEIGHT_ROWS 256
+
 /* acc[j] += sum over rows 0..n-1 of (float)(weights[i] * scales[i]) * c[idx(i, j)]. */
 static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                        int bits, const float *centroids, const float *weights,
                                        const double *scales, ptrdiff_t d, float *acc)
 {
+    float row_weights[TQ_LUT_WEIGHT_ROWS];
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += TQ_LUT_WEIGHT_ROWS) {
+        const ptrdiff_t rows = n - i0 < TQ_LUT_WEIGHT_ROWS ? n - i0 : TQ_LUT_WEIGHT_ROWS;
+        const uint8_t *block = codes + i0 * row_bytes;
+        for (ptrdiff_t i = 0; i < rows; i++)
+            row_weights[i] = (float)((double)weights[i0 + i] * scales[i0 + i]);
 #ifdef TQ_LUT_X86
-    switch (tq_lut_level(variant)) {
-    case TQ_AVX512:
-        tq_lut_weighted_sum_avx512(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
-        return;
-    case TQ_AVX2:
-        tq_lut_weighted_sum_avx2(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
-        return;
-    }
+        switch (tq_lut_level(variant)) {
+        case TQ_AVX512:
+            tq_lut_weighted_sum_avx512(block, rows, row_bytes, bits, centroids, row_weights, d, acc);
+            continue;
+        case TQ_AVX2:
+            tq_lut_weighted_sum_avx2(block, rows, row_bytes, bits, centroids, row_weights, d, acc);
+            continue;
+        }
 #endif
-    tq_lut_weighted_sum_portable(codes, n, row_bytes, bits, centroids, weights, scales, d, acc);
+        tq_lut_weighted_sum_portable(block, rows, row_bytes, bits, centroids, row_weights, d, acc);
+    }
 }
 
 #endif /* TQ_LUT_H */

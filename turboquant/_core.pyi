@@ -75,6 +75,8 @@ def small_code_attention(
     value_centroids: _F64,
     value_norms: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float32],
+    key_rotation: npt.NDArray[np.float32] | None,
+    value_rotation: npt.NDArray[np.float32] | None,
     scale: float,
     out: npt.NDArray[np.float32],
     n_threads: int,
@@ -92,8 +94,10 @@ def small_code_attention_heads(
     value_centroids: _F64,
     n: int,
     queries: npt.NDArray[np.float32],
+    key_rotations: npt.NDArray[np.uintp] | None,
+    value_rotations: npt.NDArray[np.uintp] | None,
     scale: float,
-    out: npt.NDArray[np.float64],
+    out: npt.NDArray[np.float32],
     n_threads: int,
 ) -> None: ...
 def small_product(x: _Float, matrix: _Float, out: _Float) -> None: ...

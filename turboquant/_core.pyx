@@ -777,6 +777,16 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
         free(partial)
 
 
+cdef check_rotation(const float[:, ::1] rotation, Py_ssize_t d):
+    if rotation is not None and (rotation.shape[0] != d or rotation.shape[1] != d):
+        raise ValueError(f"a rotation must be ({d}, {d}), got ({rotation.shape[0]}, {rotation.shape[1]})")
+
+
+cdef check_addresses(const uintptr_t[::1] addresses, Py_ssize_t heads):
+    if addresses is not None and addresses.shape[0] != heads:
+        raise ValueError(f"expected {heads} addresses, got {addresses.shape[0]}")
+
+
 cdef inline Py_ssize_t small_code_chunk(Py_ssize_t n) noexcept nogil:
     """Rows per parallel work item of the float32 weighted sums: 512, doubled
     until there are at most 256 chunks (depends on ``n`` only)."""
@@ -794,10 +804,12 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                             int key_bits, const float* key_cents, const uint8_t* value_codes,
                             const float* value_norms, Py_ssize_t value_bytes, int value_bits,
                             const float* value_cents, Py_ssize_t n, const float* queries,
-                            Py_ssize_t m, Py_ssize_t d, double scale, float* out,
+                            Py_ssize_t m, Py_ssize_t d, const float* key_rotation,
+                            const float* value_rotation, double scale, float* out,
                             int n_threads) noexcept nogil:
-    """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous);
-    ``out`` (m, d) is written. Returns -1 when out of memory, else 0."""
+    """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous,
+    either rotation NULL for none); ``out`` (m, d) is written. Returns -1 when
+    out of memory, else 0."""
     cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK), c, q, q0, i, j, start, count, b0, mb
     cdef int team = threads_for_codes(n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, n_chunks))
@@ -805,19 +817,25 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     cdef float high
     cdef double total
     cdef double* acc = <double*> malloc(d * sizeof(double))
+    cdef float* rotated = <float*> malloc(2 * m * d * sizeof(float))
+    cdef float* target = rotated + m * d if value_rotation != NULL else out
     cdef float* logits = <float*> malloc(block * n * sizeof(float))
     cdef float* chunk_max = <float*> malloc(n_chunks * block * sizeof(float))
     cdef double* chunk_sum = <double*> malloc(n_chunks * block * sizeof(double))
     cdef double* scales = <double*> malloc(2 * n * sizeof(double))
     cdef float* partial = <float*> malloc(n_chunks * block * d * sizeof(float))
-    if not (acc and logits and chunk_max and chunk_sum and scales and partial):
+    if not (acc and rotated and logits and chunk_max and chunk_sum and scales and partial):
         free(acc)
+        free(rotated)
         free(logits)
         free(chunk_max)
         free(chunk_sum)
         free(scales)
         free(partial)
         return -1
+    if key_rotation != NULL:
+        tq_small_product_f(variant, queries, m, d, key_rotation, rotated)
+        queries = rotated
     for i in range(n):
         scales[i] = key_norms[i] * scale        # the scores come out as logits
         scales[n + i] = value_norms[i]
@@ -860,9 +878,12 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                 for j in range(d):
                     acc[j] += partial[(c * mb + q) * d + j]
             for j in range(d):
-                out[(b0 + q) * d + j] = <float> (acc[j] / total)
+                target[(b0 + q) * d + j] = <float> (acc[j] / total)
         b0 = b0 + block
+    if value_rotation != NULL:
+        tq_small_product_f(variant, target, m, d, value_rotation, out)
     free(acc)
+    free(rotated)
     free(logits)
     free(chunk_max)
     free(chunk_sum)
@@ -874,13 +895,17 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
 def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
                          const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
                          const double[::1] value_centroids, const float[::1] value_norms,
-                         const float[:, ::1] queries, double scale, float[:, ::1] out, int n_threads):
+                         const float[:, ::1] queries, const float[:, ::1] key_rotation,
+                         const float[:, ::1] value_rotation, double scale, float[:, ::1] out,
+                         int n_threads):
     """Softmax attention over MSE-coded keys and values in one pass, float32.
 
     ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
     ``k_i = key_norms[i] * key_centroids[key index(i, :)]`` and ``v_i`` alike,
-    all in the codes' rotated domains (``queries`` rotated like the keys,
-    ``out`` in the values' domain). For each block of up to 16 queries, the
+    in the codes' rotated domains: ``queries`` are rotated like the keys, or
+    are rotated here first as ``queries @ key_rotation``; ``out`` is in the
+    values' domain, or is mapped back here as ``... @ value_rotation`` (both
+    small products, :func:`small_product`). For each block of up to 16 queries, the
     scores and their maxima, then the softmax numerators (a float32
     exponential) and weighted sums are computed per chunk of rows in two
     parallel loops; chunk sums are combined in chunk order, so the result does
@@ -894,6 +919,7 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     key_norms, value_norms : (n,) float32
     value_codes : (n, ceil(d*value_bits/8)) uint8
     queries : (m, d) float32
+    key_rotation, value_rotation : (d, d) float32 or None
     scale : float
     out : (m, d) float32, written
     n_threads : int >= 1
@@ -902,6 +928,8 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     cdef float key_cents[16]
     cdef float value_cents[16]
     cdef int status
+    check_rotation(key_rotation, d)
+    check_rotation(value_rotation, d)
     out[:, :] = 0.0
     if n == 0 or m == 0:
         return
@@ -910,8 +938,10 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     with nogil:
         status = attend_small_codes(&key_codes[0, 0], &key_norms[0], key_codes.shape[1], key_bits,
                                     key_cents, &value_codes[0, 0], &value_norms[0], value_codes.shape[1],
-                                    value_bits, value_cents, n, &queries[0, 0], m, d, scale,
-                                    &out[0, 0], n_threads)
+                                    value_bits, value_cents, n, &queries[0, 0], m, d,
+                                    NULL if key_rotation is None else &key_rotation[0, 0],
+                                    NULL if value_rotation is None else &value_rotation[0, 0],
+                                    scale, &out[0, 0], n_threads)
     if status < 0:
         raise MemoryError()
 
@@ -920,17 +950,21 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
                                Py_ssize_t key_bytes, int key_bits, const double[::1] key_centroids,
                                const uintptr_t[::1] value_codes, const uintptr_t[::1] value_norms,
                                Py_ssize_t value_bytes, int value_bits, const double[::1] value_centroids,
-                               Py_ssize_t n, const float[:, :, ::1] queries, double scale,
-                               float[:, :, ::1] out, int n_threads):
+                               Py_ssize_t n, const float[:, :, ::1] queries,
+                               const uintptr_t[::1] key_rotations, const uintptr_t[::1] value_rotations,
+                               double scale, float[:, :, ::1] out, int n_threads):
     """:func:`small_code_attention` for every head of a multi-head cache in one call.
 
     Head ``h`` (one thread per head, the heads spread over the team) attends
     with ``queries[h]`` over the ``n`` rows whose codes and float32 norms start
     at the addresses ``key_codes[h]``, ``key_norms[h]``, ``value_codes[h]``,
     ``value_norms[h]`` (C-contiguous, ``key_bytes`` / ``value_bytes`` per row,
-    every head with the same codebooks). Each head's result is the single-head
-    kernel's on one thread, so nothing depends on the thread count. The caller
-    keeps the arrays behind the addresses alive and of the stated shapes.
+    every head with the same codebooks), its queries first multiplied by the
+    (d, d) float32 matrix at ``key_rotations[h]`` and its output by the one at
+    ``value_rotations[h]`` (either array None for no such step). Each head's
+    result is the single-head kernel's on one thread, so nothing depends on
+    the thread count. The caller keeps the arrays behind the addresses alive
+    and of the stated shapes.
 
     Parameters
     ----------
@@ -939,15 +973,22 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     key_bits, value_bits : int in 1..4
     key_centroids, value_centroids : (2**bits,) float64
     n : int, rows per head
-    queries : (heads, m, d) float32, in each head's key domain
+    queries : (heads, m, d) float32
+    key_rotations, value_rotations : (heads,) uintptr or None
     scale : float
-    out : (heads, m, d) float32, written, in each head's value domain
+    out : (heads, m, d) float32, written
     n_threads : int >= 1
     """
     cdef Py_ssize_t heads = queries.shape[0], m = queries.shape[1], d = queries.shape[2], h
     cdef float key_cents[16]
     cdef float value_cents[16]
     cdef int failed = 0
+    check_addresses(key_codes, heads)
+    check_addresses(key_norms, heads)
+    check_addresses(value_codes, heads)
+    check_addresses(value_norms, heads)
+    check_addresses(key_rotations, heads)
+    check_addresses(value_rotations, heads)
     out[:, :, :] = 0.0
     if n == 0 or m == 0 or heads == 0:
         return
@@ -958,7 +999,10 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
         if attend_small_codes(<const uint8_t*> key_codes[h], <const float*> key_norms[h], key_bytes,
                               key_bits, key_cents, <const uint8_t*> value_codes[h],
                               <const float*> value_norms[h], value_bytes, value_bits, value_cents, n,
-                              &queries[h, 0, 0], m, d, scale, &out[h, 0, 0], 1) < 0:
+                              &queries[h, 0, 0], m, d,
+                              NULL if key_rotations is None else <const float*> key_rotations[h],
+                              NULL if value_rotations is None else <const float*> value_rotations[h],
+                              scale, &out[h, 0, 0], 1) < 0:
             failed += 1
     if failed:
         raise MemoryError()

@@ -566,12 +566,17 @@ class QuantizedKVCache:
         if small is None:
             return None
         (key_quantizer, key_codes), (value_quantizer, value_codes) = small
-        rotated = np.empty((queries.shape[0], self.dim), dtype=np.float32)
+        # Dense rotations of a few queries run inside the kernel (same bits).
+        key_rotation = key_quantizer.small_rotation(queries.shape[0])
+        value_rotation = value_quantizer.small_rotation(queries.shape[0], inverse=True)
+        if key_rotation is None:
+            queries = key_quantizer.rotate(queries, n_threads)
+        out = np.empty((queries.shape[0], self.dim), dtype=np.float32)
         _core.small_code_attention(
             key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
             value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids,
-            value_codes.norms, key_quantizer.rotate(queries, n_threads), scale, rotated, n_threads)
-        return value_quantizer.unrotate(rotated, n_threads)
+            value_codes.norms, queries, key_rotation, value_rotation, scale, out, n_threads)
+        return out if value_rotation is not None else value_quantizer.unrotate(out, n_threads)
 
     def _reconstruct(self, which, dtype, n_threads):
         dtype = np.dtype(dtype)
@@ -790,16 +795,27 @@ class MultiHeadKVCache:
         def addresses(codes, name):
             return np.array([getattr(c, name).ctypes.data for _, c in codes], dtype=np.uintp)
 
-        rotated = np.stack([quantizer.rotate(block, n_threads) for (quantizer, _), block in zip(keys, blocks)])
-        out = np.empty(rotated.shape, dtype=np.float32)
+        def matrix_addresses(matrices):
+            if matrices[0] is None:
+                return None
+            return np.array([matrix.ctypes.data for matrix in matrices], dtype=np.uintp)
+
+        rows = blocks[0].shape[0]
+        key_rotations = [quantizer.small_rotation(rows) for quantizer, _ in keys]
+        value_rotations = [quantizer.small_rotation(rows, inverse=True) for quantizer, _ in values]
+        if key_rotations[0] is None:
+            blocks = [quantizer.rotate(block, n_threads) for (quantizer, _), block in zip(keys, blocks)]
+        out = np.empty((len(blocks), rows, self.head_dim), dtype=np.float32)
         _core.small_code_attention_heads(
             addresses(keys, "indices"), addresses(keys, "norms"), keys[0][1].indices.shape[1],
             key_quantizer.bits, key_quantizer.codebook.centroids,
             addresses(values, "indices"), addresses(values, "norms"), values[0][1].indices.shape[1],
             value_quantizer.bits, value_quantizer.codebook.centroids,
-            self.num_tokens, rotated, scale, out, n_threads)
-        outputs = np.stack([quantizer.unrotate(rows, n_threads) for (quantizer, _), rows in zip(values, out)])
-        outputs = outputs.reshape(self.num_query_heads, m, self.head_dim)
+            self.num_tokens, np.stack(blocks), matrix_addresses(key_rotations),
+            matrix_addresses(value_rotations), scale, out, n_threads)
+        if value_rotations[0] is None:
+            out = np.stack([quantizer.unrotate(head_out, n_threads) for (quantizer, _), head_out in zip(values, out)])
+        outputs = out.reshape(self.num_query_heads, m, self.head_dim)
         return outputs[:, 0, :] if was_2d else outputs
 
     def concat_outputs(self, outputs):

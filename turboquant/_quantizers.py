@@ -212,6 +212,12 @@ class TurboQuantMSE(_Quantizer):
         """Map rotated-domain rows back (``Pi^T y``)."""
         return self._rotation.inverse(rows, n_threads)
 
+    def small_rotation(self, rows, *, inverse=False):
+        """The float32 (dim, dim) ``B`` with ``x @ B`` what :meth:`rotate` (or
+        :meth:`unrotate` when ``inverse``) computes for ``rows`` float32 rows, when
+        that is a small dense product a kernel can run itself; else None."""
+        return self._rotation.small_operand(rows, np.dtype(np.float32), inverse)
+
     def encode(self, rows, n_threads, want_residual=False):
         """Packed indices, float64 norms and (optionally) the rotated unit-domain residual."""
         n = rows.shape[0]

@@ -65,9 +65,13 @@ class _MatrixTransform:
     def _for(self, dtype):
         return self._matrix32 if dtype == np.float32 else self.matrix
 
-    def _small_operand(self, dtype, transpose):
-        """The C-contiguous B with ``x @ B`` the product (``matrix.T`` unless
-        ``transpose``), made once per dtype and direction."""
+    def small_operand(self, rows, dtype, transpose):
+        """The C-contiguous ``B`` with ``x @ B`` the product (:meth:`apply`, or
+        :meth:`apply_transpose` when ``transpose``) of ``rows`` rows of ``dtype``
+        when it runs as ``_core.small_product``, else None (BLAS). Kernels that
+        rotate a few queries themselves use it and get the same bits."""
+        if rows * self.matrix.size > SMALL_PRODUCT_WORK:
+            return None
         key = (dtype.char, transpose)
         operand = self._small_operands.get(key)
         if operand is None:
@@ -77,10 +81,11 @@ class _MatrixTransform:
         return operand
 
     def _product(self, x, transpose):
-        if x.shape[0] * self.matrix.size <= SMALL_PRODUCT_WORK:
+        operand = self.small_operand(x.shape[0], x.dtype, transpose)
+        if operand is not None:
             # A few rows (queries): a plain loop beats a BLAS call and its thread hand-offs.
             out = np.empty(x.shape, dtype=x.dtype)
-            _core.small_product(np.ascontiguousarray(x), self._small_operand(x.dtype, transpose), out)
+            _core.small_product(np.ascontiguousarray(x), operand, out)
             return out
         matrix = self._for(x.dtype)
         return np.ascontiguousarray(x @ (matrix if transpose else matrix.T))
@@ -156,6 +161,11 @@ class HadamardRotation:
         return self._run(y, True, n_threads)
 
     apply_transpose = inverse
+
+    def small_operand(self, rows, dtype, transpose):
+        """Always None: the transform is no matrix product (see
+        :meth:`_MatrixTransform.small_operand`)."""
+        return None
 
     @property
     def matrix(self):
