@@ -61,7 +61,7 @@ BLOCK = 4096
 KV_HEADS, QUERY_HEADS, GQA_TOKENS = 8, 32, 4096
 #: Timed rounds: enough to spend about ROUND_BUDGET seconds per case, at least MIN_ROUNDS and at most
 #: MAX_ROUNDS (fast calls get many rounds, so their minimum is likely to be an undisturbed one).
-MIN_ROUNDS, MAX_ROUNDS, ROUND_BUDGET = 7, 100, 0.3
+MIN_ROUNDS, MAX_ROUNDS, ROUND_BUDGET = 15, 300, 1.0
 SEED = 0
 #: n_threads of every turboquant call (None: the OpenMP default); the script's --threads sets it.
 N_THREADS = None

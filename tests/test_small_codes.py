@@ -194,3 +194,60 @@ def test_multi_head_float32_attention_is_each_heads_own(path, query_shape):
                                   cache.attention_output_all(queries, n_threads=2))
     exact = cache.attention_output_all(queries.astype(np.float64))
     np.testing.assert_allclose(together, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("rotation", ["dense", "hadamard"])
+@pytest.mark.parametrize("m", [1, 20, 200])
+def test_fused_attention_rotates_like_the_quantizers(path, rotation, m):
+    """A few queries under a dense rotation are rotated (and the output rotated
+    back) inside the kernel; that gives the bits of the quantizers' own rotate and
+    unrotate, which run outside it for the Hadamard rotation and for many queries."""
+    rng = np.random.default_rng([31, m])
+    dim, n = 96, 500
+    cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim, key_bits=3, value_bits=4, rotation=rotation))
+    cache.append(rng.standard_normal((n, dim)), rng.standard_normal((n, dim)))
+    queries = rng.standard_normal((m, dim)).astype(np.float32)
+    (key_quantizer, key_codes), (value_quantizer, value_codes) = cache._small_codes(queries)
+    inside = key_quantizer.small_rotation(m) is not None
+    assert inside == (rotation == "dense" and m * dim * dim <= 1 << 20)
+    assert (value_quantizer.small_rotation(m, inverse=True) is not None) == inside
+    rotated = np.empty((m, dim), dtype=np.float32)
+    _core.small_code_attention(
+        key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
+        value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids, value_codes.norms,
+        key_quantizer.rotate(queries, 1), None, None, 1.0 / np.sqrt(dim), rotated, 1)
+    np.testing.assert_array_equal(cache.attention_output(queries), value_quantizer.unrotate(rotated, 1))
+
+
+@pytest.mark.parametrize("rotation", ["dense", "hadamard"])
+def test_multi_head_fused_attention_with_either_rotation(path, rotation):
+    rng = np.random.default_rng(37)
+    heads, dim, n = 3, 40, 300
+    cache = tq.MultiHeadKVCache(tq.MultiHeadConfig(heads, tq.KVCacheConfig(dim, rotation=rotation),
+                                                   num_query_heads=6))
+    cache.append_all(rng.standard_normal((heads, n, dim)), rng.standard_normal((heads, n, dim)))
+    queries = rng.standard_normal((6, 2, dim)).astype(np.float32)
+    together = cache.attention_output_all(queries)
+    for h in range(6):
+        np.testing.assert_array_equal(together[h], cache.head(h // 2).attention_output(queries[h]))
+
+
+def test_fused_attention_refuses_mismatched_operands():
+    """The kernels' own shape checks: rotations must be (d, d), one address per head."""
+    rng = np.random.default_rng(41)
+    dim, n = 16, 20
+    codes = rng.integers(0, 256, size=(n, dim // 2), dtype=np.uint8)
+    centroids = np.linspace(-0.5, 0.5, 16)
+    norms = np.ones(n, dtype=np.float32)
+    queries = np.ones((1, dim), dtype=np.float32)
+    out = np.empty((1, dim), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"a rotation must be \(16, 16\)"):
+        _core.small_code_attention(codes, 4, centroids, norms, codes, 4, centroids, norms, queries,
+                                   np.eye(15, dtype=np.float32), None, 1.0, out, 1)
+    addresses = np.array([codes.ctypes.data], dtype=np.uintp)
+    norm_addresses = np.array([norms.ctypes.data], dtype=np.uintp)
+    with pytest.raises(ValueError, match="expected 2 addresses, got 1"):
+        _core.small_code_attention_heads(addresses, norm_addresses, dim // 2, 4, centroids, addresses,
+                                         norm_addresses, dim // 2, 4, centroids, n,
+                                         np.ones((2, 1, dim), dtype=np.float32), None, None, 1.0,
+                                         np.empty((2, 1, dim), dtype=np.float32), 1)
