@@ -10,7 +10,7 @@
  * are done one by one.
  *
  *   tq_lut_scores:       out[q, i] (+)= scales[i] * sum_j queries[q, j] * c[idx(i, j)]
- *   tq_lut_weighted_sum: acc[j]    +=  sum_i (float)(weights[i] * scales[i]) * c[idx(i, j)]
+ *   tq_lut_weighted_sum: acc[q, j] +=  sum_i (float)(weights[q, i] * scales[i]) * c[idx(i, j)]
  *
  * Both accumulate in float32 in a fixed order: a given build on a given
  * machine returns the same bits for the same inputs whatever the thread count
@@ -40,8 +40,10 @@
     }
 
 #define TQ_LUT_MAX_BITS 4
-/* Queries scored together per pass over the codes (the decode is shared). */
+/* Queries scored or summed together per pass over the codes (the decode is shared). */
 #define TQ_LUT_MAX_QUERIES 4
+/* Rows per block of the weighted sums, whose weights are scaled first (per query). */
+#define TQ_LUT_WEIGHT_ROWS 256
 
 
 /* Index j of a packed row (the bytes past the row's end are never read). */
@@ -465,7 +467,7 @@ TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const
         sum[k] = _mm512_add_ps(even[k], odd[k]);
 }
 
-/* Rows in blocks of 16, two at a time (tq_lut_row_products), then
+/* Rows in blocks of 16, two at a time for one or two queries (tq_lut_row_products), then
  * tq_lut_sum16 reduces sixteen rows at once; a whole block with no
  * coordinates past the last whole 16 is scaled and stored with vector
  * instructions doing the scalar path's arithmetic. A row's score is the same
@@ -501,14 +503,15 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
         const int rows = n - i0 < 16 ? (int)(n - i0) : 16;
         const uint8_t *block = codes + i0 * row_bytes;
         if (rows == 16) {
-#pragma GCC unroll 8
-            for (int t = 0; t < 16; t += 2) {
+            /* Two rows at a time while their accumulators fit in registers. */
+            const int R = m <= 2 ? 2 : 1;
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t += R) {
                 __m512 sum[2 * TQ_LUT_MAX_QUERIES];
-                tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, 2, bits, lane_queries, m, width, sum);
-                for (int q = 0; q < m; q++) {
-                    partial[q][t] = sum[q];
-                    partial[q][t + 1] = sum[m + q];
-                }
+                tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, R, bits, lane_queries, m, width, sum);
+                for (int r = 0; r < R; r++)
+                    for (int q = 0; q < m; q++)
+                        partial[q][t + r] = sum[r * m + q];
             }
         } else {
             for (int t = 0; t < 16; t++) {
@@ -583,70 +586,95 @@ TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_
 #undef TQ_AVX512_SCORES_BITS
 }
 
-/* `count` (<= 4) pairs from pair p0, the accumulators in registers. */
+/* `count` pairs from pair p0 for m queries (m * count <= 8), the accumulators
+ * in registers: each row is decoded once for all the queries. Query q's row
+ * weights are weights[q * TQ_LUT_WEIGHT_ROWS + i], its sums acc[q * d + j];
+ * each query's arithmetic is what it would be alone. */
 TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const uint8_t *codes,
                                             ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
-                                            const float *weights, ptrdiff_t p0, const int count, float *acc)
+                                            const float *weights, const int m, ptrdiff_t p0,
+                                            const int count, ptrdiff_t d, float *acc)
 {
-    __m512 a[8];
-    for (int k = 0; k < count; k++) {
-        a[2 * k] = _mm512_loadu_ps(acc + 32 * (p0 + k));
-        a[2 * k + 1] = _mm512_loadu_ps(acc + 32 * (p0 + k) + 16);
-        tq_lut_to_pair_order(&a[2 * k], &a[2 * k + 1], bits);
-    }
+    __m512 a[8][2];
+    for (int q = 0; q < m; q++)
+        for (int k = 0; k < count; k++) {
+            float *sums = acc + q * d + 32 * (p0 + k);
+            a[q * count + k][0] = _mm512_loadu_ps(sums);
+            a[q * count + k][1] = _mm512_loadu_ps(sums + 16);
+            tq_lut_to_pair_order(&a[q * count + k][0], &a[q * count + k][1], bits);
+        }
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
-        const __m512 w = _mm512_set1_ps(weights[i]);
-        for (int k = 0; k < count; k++) {
-            __m512 lo, hi;
-            tq_lut_decode_pair(dec, row, p0 + k, bits, &lo, &hi);
-            a[2 * k] = _mm512_fmadd_ps(lo, w, a[2 * k]);
-            a[2 * k + 1] = _mm512_fmadd_ps(hi, w, a[2 * k + 1]);
+        __m512 lo[4], hi[4];
+        for (int k = 0; k < count; k++)
+            tq_lut_decode_pair(dec, row, p0 + k, bits, &lo[k], &hi[k]);
+        for (int q = 0; q < m; q++) {
+            const __m512 w = _mm512_set1_ps(weights[q * TQ_LUT_WEIGHT_ROWS + i]);
+            for (int k = 0; k < count; k++) {
+                a[q * count + k][0] = _mm512_fmadd_ps(lo[k], w, a[q * count + k][0]);
+                a[q * count + k][1] = _mm512_fmadd_ps(hi[k], w, a[q * count + k][1]);
+            }
         }
     }
-    for (int k = 0; k < count; k++) {
-        tq_lut_from_pair_order(&a[2 * k], &a[2 * k + 1], bits);
-        _mm512_storeu_ps(acc + 32 * (p0 + k), a[2 * k]);
-        _mm512_storeu_ps(acc + 32 * (p0 + k) + 16, a[2 * k + 1]);
-    }
+    for (int q = 0; q < m; q++)
+        for (int k = 0; k < count; k++) {
+            float *sums = acc + q * d + 32 * (p0 + k);
+            tq_lut_from_pair_order(&a[q * count + k][0], &a[q * count + k][1], bits);
+            _mm512_storeu_ps(sums, a[q * count + k][0]);
+            _mm512_storeu_ps(sums + 16, a[q * count + k][1]);
+        }
 }
 
-TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
+TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_impl(const uint8_t *codes, ptrdiff_t n,
                                                       ptrdiff_t row_bytes, const int bits,
                                                       const float *centroids, const float *weights,
-                                                      ptrdiff_t d, float *acc)
+                                                      const int m, ptrdiff_t d, float *acc)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
     const ptrdiff_t blocks = d / 16, pairs = blocks / 2;
+    const int count = m <= 2 ? 4 : 2;   /* at most 16 accumulators */
     ptrdiff_t p0 = 0;
-    for (; p0 + 4 <= pairs; p0 += 4)
-        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, p0, 4, acc);
+    for (; p0 + count <= pairs; p0 += count)
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, m, p0, count, d, acc);
     for (; p0 < pairs; p0++)
-        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, p0, 1, acc);
-    if (blocks & 1) {
-        const ptrdiff_t h = blocks - 1;
-        __m512 a = _mm512_loadu_ps(acc + 16 * h);
-        if (TQ_LUT_INTERLEAVED(bits))
-            a = tq_lut_interleave(a);
-        for (ptrdiff_t i = 0; i < n; i++) {
-            const __m512 w = _mm512_set1_ps(weights[i]);
-            a = _mm512_fmadd_ps(tq_lut_decode16(&dec, codes + i * row_bytes, h, bits), w, a);
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, m, p0, 1, d, acc);
+    for (int q = 0; q < m; q++) {
+        const float *w = weights + q * TQ_LUT_WEIGHT_ROWS;
+        float *sums = acc + q * d;
+        if (blocks & 1) {
+            const ptrdiff_t h = blocks - 1;
+            __m512 a = _mm512_loadu_ps(sums + 16 * h);
+            if (TQ_LUT_INTERLEAVED(bits))
+                a = tq_lut_interleave(a);
+            for (ptrdiff_t i = 0; i < n; i++)
+                a = _mm512_fmadd_ps(tq_lut_decode16(&dec, codes + i * row_bytes, h, bits), _mm512_set1_ps(w[i]), a);
+            _mm512_storeu_ps(sums + 16 * h, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
         }
-        _mm512_storeu_ps(acc + 16 * h, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
-    }
-    for (ptrdiff_t i = 0; i < n && 16 * blocks < d; i++) {
-        const uint8_t *row = codes + i * row_bytes;
-        const float w = weights[i];
-        for (ptrdiff_t j = 16 * blocks; j < d; j++)
-            acc[j] += w * centroids[tq_lut_index(row, j, bits, row_bytes)];
+        for (ptrdiff_t i = 0; i < n && 16 * blocks < d; i++) {
+            const uint8_t *row = codes + i * row_bytes;
+            for (ptrdiff_t j = 16 * blocks; j < d; j++)
+                sums[j] += w[i] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+        }
     }
 }
 
+/* Specialized on the number of queries so the accumulators stay in registers. */
+TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
+                                                      ptrdiff_t row_bytes, const int bits,
+                                                      const float *centroids, const float *weights,
+                                                      ptrdiff_t m, ptrdiff_t d, float *acc)
+{
+#define TQ_AVX512_SUM_FOR(K) tq_lut_weighted_sum_avx512_impl(codes, n, row_bytes, bits, centroids, weights, K, d, acc)
+    TQ_LUT_DISPATCH4(m, TQ_AVX512_SUM_FOR)
+#undef TQ_AVX512_SUM_FOR
+}
+
+/* The m <= TQ_LUT_MAX_QUERIES queries' weights in rows of TQ_LUT_WEIGHT_ROWS. */
 TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                                  int bits, const float *centroids, const float *weights,
-                                                 ptrdiff_t d, float *acc)
+                                                 ptrdiff_t m, ptrdiff_t d, float *acc)
 {
-#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, d, acc)
+#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, m, d, acc)
     TQ_LUT_DISPATCH4(bits, TQ_AVX512_SUM_BITS)
 #undef TQ_AVX512_SUM_BITS
 }
@@ -814,32 +842,40 @@ static inline void tq_lut_scores(int variant, const uint8_t *codes, ptrdiff_t n,
         memcpy(high, top, sizeof(float) * (size_t)m);
 }
 
-/* Rows per pass of tq_lut_weighted_sum: their weights are scaled first, into
- * a buffer on the stack. */
-#define TQ_LUT_WEIGHT_ROWS 256
-
-/* acc[j] += sum over rows 0..n-1 of (float)(weights[i] * scales[i]) * c[idx(i, j)]. */
+/* acc[q * d + j] += sum over rows 0..n-1 of (float)(weights[q * weight_stride + i] * scales[i])
+ * * c[idx(i, j)] for the m <= TQ_LUT_MAX_QUERIES queries. Rows go in blocks of
+ * TQ_LUT_WEIGHT_ROWS whose weights are scaled first, into a buffer on the stack;
+ * each query's result is the same as on its own. */
 static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
                                        int bits, const float *centroids, const float *weights,
-                                       const double *scales, ptrdiff_t d, float *acc)
+                                       ptrdiff_t weight_stride, ptrdiff_t m, const double *scales,
+                                       ptrdiff_t d, float *acc)
 {
-    float row_weights[TQ_LUT_WEIGHT_ROWS];
+    float row_weights[TQ_LUT_MAX_QUERIES * TQ_LUT_WEIGHT_ROWS];
     for (ptrdiff_t i0 = 0; i0 < n; i0 += TQ_LUT_WEIGHT_ROWS) {
         const ptrdiff_t rows = n - i0 < TQ_LUT_WEIGHT_ROWS ? n - i0 : TQ_LUT_WEIGHT_ROWS;
         const uint8_t *block = codes + i0 * row_bytes;
-        for (ptrdiff_t i = 0; i < rows; i++)
-            row_weights[i] = (float)((double)weights[i0 + i] * scales[i0 + i]);
+        for (ptrdiff_t q = 0; q < m; q++)
+            for (ptrdiff_t i = 0; i < rows; i++)
+                row_weights[q * TQ_LUT_WEIGHT_ROWS + i] =
+                    (float)((double)weights[q * weight_stride + i0 + i] * scales[i0 + i]);
 #ifdef TQ_LUT_X86
-        switch (tq_lut_level(variant)) {
-        case TQ_AVX512:
-            tq_lut_weighted_sum_avx512(block, rows, row_bytes, bits, centroids, row_weights, d, acc);
-            continue;
-        case TQ_AVX2:
-            tq_lut_weighted_sum_avx2(block, rows, row_bytes, bits, centroids, row_weights, d, acc);
+        if (tq_lut_level(variant) == TQ_AVX512) {
+            tq_lut_weighted_sum_avx512(block, rows, row_bytes, bits, centroids, row_weights, m, d, acc);
             continue;
         }
 #endif
-        tq_lut_weighted_sum_portable(block, rows, row_bytes, bits, centroids, row_weights, d, acc);
+        for (ptrdiff_t q = 0; q < m; q++) {
+#ifdef TQ_LUT_X86
+            if (tq_lut_level(variant) == TQ_AVX2) {
+                tq_lut_weighted_sum_avx2(block, rows, row_bytes, bits, centroids,
+                                         row_weights + q * TQ_LUT_WEIGHT_ROWS, d, acc + q * d);
+                continue;
+            }
+#endif
+            tq_lut_weighted_sum_portable(block, rows, row_bytes, bits, centroids,
+                                         row_weights + q * TQ_LUT_WEIGHT_ROWS, d, acc + q * d);
+        }
     }
 }
 

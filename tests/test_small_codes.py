@@ -102,6 +102,24 @@ def test_weighted_sums_match_reference(path, bits, dim, n):
     np.testing.assert_array_equal(out, again)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dim", [33, 96, 128, 144])
+def test_a_querys_weighted_sum_does_not_depend_on_the_other_queries(path, bits, dim):
+    """Up to four queries share each decoded row; each one's sums are the bits it
+    gets alone, for every number of queries in a call."""
+    rng = np.random.default_rng([19, bits, dim])
+    n = 600
+    centroids, _, packed, scales = random_case(rng, n, dim, bits)
+    weights = rng.random((9, n)).astype(np.float32)
+    alone = np.empty((9, dim))
+    for q in range(9):
+        _core.lut_weighted_sum(packed, bits, centroids, weights[q:q + 1], scales, alone[q:q + 1], 1)
+    for m in range(2, 10):
+        together = np.empty((m, dim))
+        _core.lut_weighted_sum(packed, bits, centroids, weights[:m], scales, together, 1)
+        np.testing.assert_array_equal(together, alone[:m])
+
+
 def test_paths_agree_to_float32_rounding():
     """Every path scores a real quantizer's codes like the float64 path, to float32 rounding."""
     rng = np.random.default_rng(5)

@@ -69,8 +69,8 @@ cdef extern from "tq_lut.h" nogil:
                        const double* scales, float* out, Py_ssize_t out_stride, int accumulate,
                        float* high)
     void tq_lut_weighted_sum(int variant, const uint8_t* codes, Py_ssize_t n, Py_ssize_t row_bytes, int bits,
-                             const float* centroids, const float* weights, const double* scales,
-                             Py_ssize_t d, float* acc)
+                             const float* centroids, const float* weights, Py_ssize_t weight_stride,
+                             Py_ssize_t m, const double* scales, Py_ssize_t d, float* acc)
     double tq_exp_shifted(int variant, float* x, Py_ssize_t n, float shift)
 
 cdef extern from "tq_openmp.h" nogil:
@@ -678,16 +678,17 @@ cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const d
     cdef Py_ssize_t row_bytes = codes.shape[1], n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t c, q, j, start
     cdef int variant = kernel_variant
-    cdef float* acc
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
     for c in prange(n_chunks, num_threads=team, schedule="static"):
         start = c * chunk
-        for q in range(m):
-            acc = partial + (c * m + q) * d
-            memset(acc, 0, d * sizeof(float))
+        memset(partial + c * m * d, 0, m * d * sizeof(float))
+        q = 0
+        while q < m:
             tq_lut_weighted_sum(variant, &codes[start, 0], min(chunk, n - start), row_bytes, bits, cents,
-                                &weights[q, start], &scales[start], d, acc)
+                                &weights[q, start], weights.shape[1], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q),
+                                &scales[start], d, partial + (c * m + q) * d)
+            q = q + TQ_LUT_MAX_QUERIES
     for c in range(n_chunks):
         for q in range(m):
             for j in range(d):
@@ -865,10 +866,14 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                     if chunk_max[j * mb + q] > high:
                         high = chunk_max[j * mb + q]
                 chunk_sum[c * mb + q] = tq_exp_shifted(variant, logits + q * n + start, count, high)
-                memset(partial + (c * mb + q) * d, 0, d * sizeof(float))
+            memset(partial + c * mb * d, 0, mb * d * sizeof(float))
+            q0 = 0
+            while q0 < mb:
                 tq_lut_weighted_sum(variant, value_codes + start * value_bytes, count, value_bytes, value_bits,
-                                    value_cents, logits + q * n + start, scales + n + start, d,
-                                    partial + (c * mb + q) * d)
+                                    value_cents, logits + q0 * n + start, n,
+                                    min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), scales + n + start, d,
+                                    partial + (c * mb + q0) * d)
+                q0 = q0 + TQ_LUT_MAX_QUERIES
         for q in range(mb):
             for j in range(d):
                 acc[j] = 0.0
