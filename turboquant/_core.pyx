@@ -508,6 +508,10 @@ cdef inline double score_row(const uint8_t* row, const double* table, Py_ssize_t
 
 
 # Rows per call of the float32 small-code kernels (and per parallel work item).
+# Their parallel loops hand chunks out dynamically: a thread whose core is shared
+# (with OpenBLAS's spinning workers, say) takes fewer, instead of holding the
+# others up. Chunk results are combined in chunk order, so which thread did
+# which chunk never shows in the result.
 DEF SMALL_CODE_ROWS = 256
 # The small-code kernels read about a code byte per nanosecond per thread: below
 # this many bytes (m queries x n rows x row bytes) waking a second thread costs
@@ -537,7 +541,7 @@ cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
     for c in prange(n_chunks, num_threads=threads_for_codes(n * m * row_bytes, min(<Py_ssize_t> n_threads, n_chunks)),
-                    schedule="static"):
+                    schedule="dynamic"):
         start = c * SMALL_CODE_ROWS
         q0 = 0
         while q0 < m:
@@ -680,7 +684,7 @@ cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const d
     cdef int variant = kernel_variant
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
-    for c in prange(n_chunks, num_threads=team, schedule="static"):
+    for c in prange(n_chunks, num_threads=team, schedule="dynamic"):
         start = c * chunk
         memset(partial + c * m * d, 0, m * d * sizeof(float))
         q = 0
@@ -844,7 +848,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     while b0 < m:
         mb = min(block, m - b0)
         # Logits and their maximum, per chunk.
-        for c in prange(n_chunks, num_threads=team, schedule="static"):
+        for c in prange(n_chunks, num_threads=team, schedule="dynamic"):
             start = c * chunk
             count = min(chunk, n - start)
             for q in range(mb):
@@ -857,7 +861,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                               chunk_max + c * mb + q0)
                 q0 = q0 + TQ_LUT_MAX_QUERIES
         # Numerators exp(logit - max) and their weighted sums, per chunk.
-        for c in prange(n_chunks, num_threads=team, schedule="static"):
+        for c in prange(n_chunks, num_threads=team, schedule="dynamic"):
             start = c * chunk
             count = min(chunk, n - start)
             for q in range(mb):
@@ -1000,7 +1004,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     centroids_f32(key_centroids, key_bits, key_cents)
     centroids_f32(value_centroids, value_bits, value_cents)
     for h in prange(heads, nogil=True, num_threads=threads_for_codes(
-            heads * n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, heads)), schedule="static"):
+            heads * n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, heads)), schedule="dynamic"):
         if attend_small_codes(<const uint8_t*> key_codes[h], <const float*> key_norms[h], key_bytes,
                               key_bits, key_cents, <const uint8_t*> value_codes[h],
                               <const float*> value_norms[h], value_bytes, value_bits, value_cents, n,
