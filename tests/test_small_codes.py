@@ -269,3 +269,32 @@ def test_fused_attention_refuses_mismatched_operands():
                                          norm_addresses, dim // 2, 4, centroids, n,
                                          np.ones((2, 1, dim), dtype=np.float32), None, None, 1.0,
                                          np.empty((2, 1, dim), dtype=np.float32), 1)
+
+
+def test_fused_attention_is_identical_for_every_thread_count(path):
+    """Large enough for a team of threads (chunks handed out dynamically): the
+    chunks are combined in order, so the bits do not depend on the team."""
+    rng = np.random.default_rng(43)
+    dim, n = 128, 9000
+    cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim))
+    cache.append(rng.standard_normal((n, dim)), rng.standard_normal((n, dim)))
+    queries = rng.standard_normal((5, dim)).astype(np.float32)
+    one = cache.attention_output(queries, n_threads=1)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(cache.attention_output(queries, n_threads=threads), one)
+        np.testing.assert_array_equal(cache.attention_scores(queries, n_threads=threads),
+                                      cache.attention_scores(queries, n_threads=1))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4])
+def test_weighted_sums_identical_for_every_thread_count(path, bits):
+    rng = np.random.default_rng([47, bits])
+    centroids, _, packed, scales = random_case(rng, 40_000, 64, bits)
+    weights = rng.random((6, 40_000)).astype(np.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.empty((6, 64))
+        _core.lut_weighted_sum(packed, bits, centroids, weights, scales, out, threads)
+        outs.append(out)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
