@@ -13,6 +13,7 @@ The reference is ``bench/reference.py``.
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 import tracemalloc
@@ -240,28 +241,48 @@ def main(argv=None):
     words.extend(sys.argv[1:] if argv is None else argv)
     print(format_table(results, command=" ".join(words),
                        environment=environment_lines(load_at_start, sources) + run_notes(args.rounds)
+                       + results.notes
                        + ["script mode interleaves the rounds of the reference and of both "
                           "rotations (so all three see the same machine load) and sleeps "
                           f"{SETTLE_SECONDS} s before every round."]))
 
 
+#: Timed beside "MSE quantize": the float32 product ``x @ R.T`` alone, which both
+#: sides of a dense-rotation quantize contain (reference time / its time bounds
+#: the dense ratio).
+GEMM = "x @ R.T alone"
+
+
 def _time_interleaved(results, operation, d, b, rounds):
-    """Time the reference and both rotations of one case, one round of each in turn."""
-    prepared = {impl: prepare(operation, d, b, impl) for impl in IMPLEMENTATIONS}
-    timings = {impl: [] for impl in IMPLEMENTATIONS}
-    for impl in IMPLEMENTATIONS:
-        prepared[impl][0]()  # warm-up round
+    """Time the reference and both rotations of one case, one round of each in turn
+    (for "MSE quantize" also the reference's rotation product alone, reported as a
+    note)."""
+    functions = {impl: prepare(operation, d, b, impl) for impl in IMPLEMENTATIONS}
+    if operation == "MSE quantize":
+        x, rotation = vectors(d), quantizer("mse", d, b, "reference").rotation
+        functions[GEMM] = ((lambda: x @ rotation.T), x.shape[0], 0)
+    timings = {impl: [] for impl in functions}
+    for function, _, _ in functions.values():
+        function()  # warm-up round
+    names = list(functions)
     for round_index in range(rounds):
-        shift = round_index % len(IMPLEMENTATIONS)
-        for impl in IMPLEMENTATIONS[shift:] + IMPLEMENTATIONS[:shift]:
-            function = prepared[impl][0]
+        shift = round_index % len(names)
+        for impl in names[shift:] + names[:shift]:
+            function = functions[impl][0]
             time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             function()
             timings[impl].append(time.perf_counter() - start)
-    for impl, (_, items, peak) in prepared.items():
+    for impl in IMPLEMENTATIONS:
+        _, items, peak = functions[impl]
         results.add_timings(operation, d, b, impl, n=N_FOR_DIM[d], items=items,
                             timings=timings[impl], peak_bytes=peak)
+    if GEMM in timings:
+        gemm, reference = statistics.median(timings[GEMM]), statistics.median(timings["reference"])
+        results.notes.append(
+            f"d={d} b={b}: {GEMM} (float32, n={N_FOR_DIM[d]}) {gemm * 1e3:.1f} ms median; "
+            f"reference quantize / that = {reference / gemm:.2f}x, the most a dense-rotation "
+            "quantize can reach;")
     print(f"{operation} d={d} b={b}: " + ", ".join(
         f"{impl} {min(t) * 1e3:.2f} ms min" for impl, t in timings.items()),
         file=sys.stderr, flush=True)
