@@ -216,11 +216,14 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
     cdef int variant = kernel_variant
     cdef double* tile
     # One transposed tile of TQ_TILE rows per thread, indexed by the OpenMP thread number.
+    # Tiles are independent, so they are handed out "guided" (big shares first, then
+    # smaller ones to whichever thread is free): a thread whose core is busy with
+    # something else (a spinning BLAS worker) does less instead of holding up the call.
     cdef void* scratch = malloc(team * TQ_TILE * d * sizeof(double) + 64)
     if scratch == NULL:
         raise MemoryError()
     try:
-        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
+        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="guided"):
             tile = <double*> scratch_start(scratch) + tq_thread_num() * TQ_TILE * d
             first = t * TQ_TILE
             count = min(<Py_ssize_t> TQ_TILE, n - first)
@@ -267,7 +270,7 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
     if scratch == NULL:
         raise MemoryError()
     try:
-        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
+        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="guided"):
             tile = <double*> scratch_start(scratch) + tq_thread_num() * tile_size
             first = t * TQ_TILE
             count = min(<Py_ssize_t> TQ_TILE, n - first)
@@ -334,7 +337,7 @@ def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
         else:
             signs_t = &signs[0, 0]
             bounds_t = &boundaries[0]
-        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="static"):
+        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="guided"):
             tile = <floating*> scratch_start(scratch) + tq_thread_num() * TQ_TILE * d
             first = t * TQ_TILE
             count = min(<Py_ssize_t> TQ_TILE, n - first)
