@@ -247,6 +247,35 @@ TQ_INLINE void TQ_BODY(tq_hadamard_quantize)(
  * rows. Coordinates go TQ_CHUNK at a time through `tile` (TQ_TILE * TQ_CHUNK
  * doubles). */
 #define TQ_CHUNK 256
+
+/* At most this many rows are quantized one at a time rather than in a tile, whose
+ * sixteen lanes cost the same whatever the count (a decode step's single token). */
+#define TQ_ROW_BY_ROW 4
+
+/* One row of tq_quantize_rows, with the tile's arithmetic: the same cells (the
+ * binary search counts the boundaries below u, as the tile's compares do) and
+ * residuals. */
+TQ_INLINE void TQ_NAME(tq_quantize_row)(const TQ_T *y, ptrdiff_t d, double norm, const double *bounds,
+                                       int bits, const double *centroids, uint8_t *codes,
+                                       ptrdiff_t row_bytes, TQ_T *residual)
+{
+    const double inv = norm > 0.0 ? 1.0 / norm : 0.0;
+    for (ptrdiff_t g = 0; 8 * g < d; g++) {
+        const ptrdiff_t end = 8 * g + 8 < d ? 8 * g + 8 : d;
+        const ptrdiff_t base = g * bits, n = row_bytes - base < bits ? row_bytes - base : bits;
+        uint64_t word = 0;
+        for (ptrdiff_t j = 8 * g; j < end; j++) {
+            const double u = (double)y[j] * inv;
+            const uint32_t cell = tq_cell_d(bounds, bits, u);
+            word |= (uint64_t)cell << ((j - 8 * g) * bits);
+            if (residual != NULL)
+                residual[j] = (TQ_T)(u - centroids[cell]);
+        }
+        for (ptrdiff_t r = 0; r < n; r++)
+            codes[base + r] = (uint8_t)(word >> (8 * r));
+    }
+}
+
 TQ_INLINE void TQ_BODY(tq_quantize_rows)(
     int variant, const TQ_T *y, ptrdiff_t count, ptrdiff_t d, const double *norms,
     const double *bounds, int bits, const double *centroids, uint8_t *codes,
@@ -254,6 +283,12 @@ TQ_INLINE void TQ_BODY(tq_quantize_rows)(
 {
     double inv[TQ_TILE];
     (void)variant;
+    if (count <= TQ_ROW_BY_ROW) {
+        for (ptrdiff_t l = 0; l < count; l++)
+            TQ_NAME(tq_quantize_row)(y + l * d, d, norms[l], bounds, bits, centroids, codes + l * row_bytes,
+                                     row_bytes, residual != NULL ? residual + l * d : NULL);
+        return;
+    }
     for (ptrdiff_t l = 0; l < TQ_TILE; l++)
         inv[l] = l < count && norms[l] > 0.0 ? 1.0 / norms[l] : 0.0;
     for (ptrdiff_t j0 = 0; j0 < d; j0 += TQ_CHUNK) {

@@ -661,3 +661,29 @@ def test_small_product_matches_matmul(dtype, dim, m):
     out = np.full((m, dim), np.nan, dtype=dtype)
     _core.small_product(readonly(x), readonly(matrix), out)
     assert np.all(np.abs(out - x64 @ m64) <= (dim + 2) * eps * (np.abs(x64) @ np.abs(m64)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("dim", [9, 128, 300])
+def test_a_few_rows_get_the_cells_they_get_in_a_tile(dtype, bits, dim, restore_variant):
+    """Up to four rows are quantized one by one instead of in a 16-row tile: the
+    same cells, packed bytes and residuals, on every kernel variant."""
+    import turboquant as tq
+    rng = np.random.default_rng([53, bits, dim])
+    book = tq.lloyd_max_codebook(dim, bits)
+    y = (rng.standard_normal((20, dim)) * rng.uniform(0.5, 3.0, size=(20, 1))).astype(dtype)
+    y[3] = 0.0
+    norms = np.linalg.norm(y.astype(np.float64), axis=1)
+    tiled_codes = np.empty((20, packed_width(dim, bits)), dtype=np.uint8)
+    tiled_residual = np.empty_like(y)
+    _core.quantize_pack(y, norms, book.boundaries, book.centroids, bits, tiled_codes, tiled_residual, True, 1)
+    for variant in _core._kernel_variants():
+        _core._set_kernel_variant(variant)
+        for rows in (slice(0, 1), slice(2, 4), slice(3, 7)):
+            codes = np.empty_like(tiled_codes[rows])
+            residual = np.empty_like(y[rows])
+            _core.quantize_pack(np.ascontiguousarray(y[rows]), norms[rows], book.boundaries, book.centroids,
+                                bits, codes, residual, True, 1)
+            np.testing.assert_array_equal(codes, tiled_codes[rows])
+            np.testing.assert_array_equal(residual, tiled_residual[rows])

@@ -28,6 +28,10 @@ def quantize_pack(
     want_residual: bool,
     n_threads: int,
 ) -> None: ...
+def small_dense_quantize_pack(
+    x: _Float, operand: _Float, boundaries: _F64, centroids: _F64, bits: int,
+    norms: _F64, codes: _U8, residual: _Float, want_residual: bool,
+) -> None: ...
 def hadamard_quantize_pack(
     x: _Float,
     signs: _F64,

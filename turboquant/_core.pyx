@@ -237,6 +237,35 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
         free(scratch)
 
 
+cdef int quantize_rows(const floating* y, Py_ssize_t n, Py_ssize_t d, const double* norms,
+                       const double* boundaries, int bits, const double* centroids, uint8_t* codes,
+                       Py_ssize_t row_bytes, floating* residual, int team) noexcept nogil:
+    """The body of :func:`quantize_pack` on raw pointers (C-contiguous rows,
+    ``residual`` NULL for none), tiles over a team of ``team`` threads. Returns -1
+    when out of memory, else 0."""
+    cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, first, count
+    cdef Py_ssize_t tile_size = TQ_TILE * min(d, <Py_ssize_t> TQ_CHUNK)
+    cdef int variant = kernel_variant
+    cdef double* tile
+    cdef floating* res
+    cdef void* scratch = malloc(team * tile_size * sizeof(double) + 64)
+    if scratch == NULL:
+        return -1
+    for t in prange(n_tiles, num_threads=team, schedule="guided"):
+        tile = <double*> scratch_start(scratch) + tq_thread_num() * tile_size
+        first = t * TQ_TILE
+        count = min(<Py_ssize_t> TQ_TILE, n - first)
+        res = residual + first * d if residual != NULL else NULL
+        if floating is float:
+            tq_quantize_rows_f(variant, y + first * d, count, d, norms + first, boundaries, bits,
+                               centroids, codes + first * row_bytes, row_bytes, res, tile)
+        else:
+            tq_quantize_rows_d(variant, y + first * d, count, d, norms + first, boundaries, bits,
+                               centroids, codes + first * row_bytes, row_bytes, res, tile)
+    free(scratch)
+    return 0
+
+
 def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
                   const double[::1] boundaries, const double[::1] centroids, int bits,
                   uint8_t[:, ::1] codes, floating[:, ::1] residual, bint want_residual,
@@ -259,32 +288,57 @@ def quantize_pack(const floating[:, ::1] y, const double[::1] norms,
         ``y[i]/norms[i] - centroids[index]``
     n_threads : int >= 1
     """
-    cdef Py_ssize_t n = y.shape[0], d = y.shape[1], row_bytes = codes.shape[1]
-    cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, first, count
-    cdef Py_ssize_t tile_size = TQ_TILE * min(d, <Py_ssize_t> TQ_CHUNK)
-    cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
-    cdef int variant = kernel_variant
-    cdef double* tile
-    cdef floating* res
-    cdef void* scratch = malloc(team * tile_size * sizeof(double) + 64)
-    if scratch == NULL:
+    cdef Py_ssize_t n = y.shape[0], d = y.shape[1]
+    cdef int status
+    if n == 0:
+        return
+    with nogil:
+        status = quantize_rows(&y[0, 0], n, d, &norms[0], &boundaries[0], bits, &centroids[0],
+                               &codes[0, 0], codes.shape[1], &residual[0, 0] if want_residual else NULL,
+                               threads_for(n * d, min(<Py_ssize_t> n_threads, (n + TQ_TILE - 1) // TQ_TILE)))
+    if status < 0:
         raise MemoryError()
-    try:
-        for t in prange(n_tiles, nogil=True, num_threads=team, schedule="guided"):
-            tile = <double*> scratch_start(scratch) + tq_thread_num() * tile_size
-            first = t * TQ_TILE
-            count = min(<Py_ssize_t> TQ_TILE, n - first)
-            res = &residual[first, 0] if want_residual else NULL
-            if floating is float:
-                tq_quantize_rows_f(variant, &y[first, 0], count, d, &norms[first],
-                                   &boundaries[0], bits, &centroids[0], &codes[first, 0],
-                                   row_bytes, res, tile)
-            else:
-                tq_quantize_rows_d(variant, &y[first, 0], count, d, &norms[first],
-                                   &boundaries[0], bits, &centroids[0], &codes[first, 0],
-                                   row_bytes, res, tile)
-    finally:
-        free(scratch)
+
+
+def small_dense_quantize_pack(const floating[:, ::1] x, const floating[:, ::1] operand,
+                              const double[::1] boundaries, const double[::1] centroids, int bits,
+                              double[::1] norms, uint8_t[:, ::1] codes, floating[:, ::1] residual,
+                              bint want_residual):
+    """:func:`row_norms`, :func:`small_product` and :func:`quantize_pack` in one call.
+
+    For the few rows a dense rotation multiplies without BLAS (``x @ operand``
+    with the rotation's small-product operand): the same bits as the three calls
+    in turn, single-threaded, without their separate Python round trips.
+
+    Parameters
+    ----------
+    x : (n, d) float32 or float64
+    operand : (d, d), same dtype
+    boundaries, centroids, bits, codes, residual, want_residual : as :func:`quantize_pack`
+    norms : (n,) float64, written
+    """
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i
+    cdef int status = 0
+    cdef floating* rotated
+    if operand.shape[0] != d or operand.shape[1] != d:
+        raise ValueError(f"operand must be ({d}, {d}), got ({operand.shape[0]}, {operand.shape[1]})")
+    if n == 0:
+        return
+    rotated = <floating*> malloc(n * d * sizeof(floating))
+    if rotated == NULL:
+        raise MemoryError()
+    with nogil:
+        for i in range(n):
+            norms[i] = row_norm(&x[i, 0], d)
+        if floating is float:
+            tq_small_product_f(kernel_variant, &x[0, 0], n, d, &operand[0, 0], rotated)
+        else:
+            tq_small_product_d(kernel_variant, &x[0, 0], n, d, &operand[0, 0], rotated)
+        status = quantize_rows(rotated, n, d, &norms[0], &boundaries[0], bits, &centroids[0],
+                               &codes[0, 0], codes.shape[1], &residual[0, 0] if want_residual else NULL, 1)
+    free(rotated)
+    if status < 0:
+        raise MemoryError()
 
 
 def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,

@@ -233,6 +233,16 @@ class TurboQuantMSE(_Quantizer):
                                              indices, residual, want_residual, n_threads)
             self._check_norms(norms, rows)
             return indices, norms, residual
+        operand = self._rotation.small_operand(n, rows.dtype, False)
+        if operand is not None:
+            # A few rows (a decode step's token): norms, the small product and the
+            # packing in one call, with the bits of the three steps below.
+            norms = np.empty(n)
+            if n:
+                _core.small_dense_quantize_pack(rows, operand, book.boundaries, book.centroids,
+                                                self.bits, norms, indices, residual, want_residual)
+            self._check_norms(norms, rows)
+            return indices, norms, residual
         norms = self._norms(rows, n_threads)
         # Rotate and quantize in blocks of rows whose rotated copy fits in the
         # cache: the quantizer reads it back while it is still there, and no
