@@ -852,6 +852,7 @@ static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdif
                                        ptrdiff_t d, float *acc)
 {
     float row_weights[TQ_LUT_MAX_QUERIES * TQ_LUT_WEIGHT_ROWS];
+    const int level = tq_lut_level(variant);
     for (ptrdiff_t i0 = 0; i0 < n; i0 += TQ_LUT_WEIGHT_ROWS) {
         const ptrdiff_t rows = n - i0 < TQ_LUT_WEIGHT_ROWS ? n - i0 : TQ_LUT_WEIGHT_ROWS;
         const uint8_t *block = codes + i0 * row_bytes;
@@ -860,14 +861,14 @@ static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdif
                 row_weights[q * TQ_LUT_WEIGHT_ROWS + i] =
                     (float)((double)weights[q * weight_stride + i0 + i] * scales[i0 + i]);
 #ifdef TQ_LUT_X86
-        if (tq_lut_level(variant) == TQ_AVX512) {
+        if (level == TQ_AVX512) {
             tq_lut_weighted_sum_avx512(block, rows, row_bytes, bits, centroids, row_weights, m, d, acc);
             continue;
         }
 #endif
         for (ptrdiff_t q = 0; q < m; q++) {
 #ifdef TQ_LUT_X86
-            if (tq_lut_level(variant) == TQ_AVX2) {
+            if (level == TQ_AVX2) {
                 tq_lut_weighted_sum_avx2(block, rows, row_bytes, bits, centroids,
                                          row_weights + q * TQ_LUT_WEIGHT_ROWS, d, acc + q * d);
                 continue;

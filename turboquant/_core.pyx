@@ -878,23 +878,20 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     cdef int variant = kernel_variant
     cdef float high
     cdef double total
-    cdef double* acc = <double*> malloc(d * sizeof(double))
-    cdef float* rotated = <float*> malloc(2 * m * d * sizeof(float))
-    cdef float* target = rotated + m * d if value_rotation != NULL else out
-    cdef float* logits = <float*> malloc(block * n * sizeof(float))
-    cdef float* chunk_max = <float*> malloc(n_chunks * block * sizeof(float))
-    cdef double* chunk_sum = <double*> malloc(n_chunks * block * sizeof(double))
-    cdef double* scales = <double*> malloc(2 * n * sizeof(double))
-    cdef float* partial = <float*> malloc(n_chunks * block * d * sizeof(float))
-    if not (acc and rotated and logits and chunk_max and chunk_sum and scales and partial):
-        free(acc)
-        free(rotated)
-        free(logits)
-        free(chunk_max)
-        free(chunk_sum)
-        free(scales)
-        free(partial)
+    # All scratch in one block: the doubles first, then the floats.
+    cdef Py_ssize_t doubles = d + n_chunks * block + 2 * n
+    cdef Py_ssize_t floats = 2 * m * d + block * n + n_chunks * block + n_chunks * block * d
+    cdef double* scratch = <double*> malloc(doubles * sizeof(double) + floats * sizeof(float))
+    if scratch == NULL:
         return -1
+    cdef double* acc = scratch
+    cdef double* chunk_sum = acc + d
+    cdef double* scales = chunk_sum + n_chunks * block
+    cdef float* rotated = <float*> (scales + 2 * n)
+    cdef float* target = rotated + m * d if value_rotation != NULL else out
+    cdef float* logits = rotated + 2 * m * d
+    cdef float* chunk_max = logits + block * n
+    cdef float* partial = chunk_max + n_chunks * block
     if key_rotation != NULL:
         tq_small_product_f(variant, queries, m, d, key_rotation, rotated)
         queries = rotated
@@ -948,13 +945,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
         b0 = b0 + block
     if value_rotation != NULL:
         tq_small_product_f(variant, target, m, d, value_rotation, out)
-    free(acc)
-    free(rotated)
-    free(logits)
-    free(chunk_max)
-    free(chunk_sum)
-    free(scales)
-    free(partial)
+    free(scratch)
     return 0
 
 

@@ -792,13 +792,9 @@ class MultiHeadKVCache:
         keys, values = zip(*small)                 # (quantizer, codes) of every head
         key_quantizer, value_quantizer = keys[0][0], values[0][0]
 
-        def addresses(codes, name):
-            return np.array([getattr(c, name).ctypes.data for _, c in codes], dtype=np.uintp)
-
-        def matrix_addresses(matrices):
-            if matrices[0] is None:
-                return None
-            return np.array([matrix.ctypes.data for matrix in matrices], dtype=np.uintp)
+        def addresses(arrays):
+            """The heads' arrays as a uintp address array (None when they are None)."""
+            return None if arrays[0] is None else np.array([a.ctypes.data for a in arrays], dtype=np.uintp)
 
         rows = blocks[0].shape[0]
         key_rotations = [quantizer.small_rotation(rows) for quantizer, _ in keys]
@@ -806,13 +802,14 @@ class MultiHeadKVCache:
         if key_rotations[0] is None:
             blocks = [quantizer.rotate(block, n_threads) for (quantizer, _), block in zip(keys, blocks)]
         out = np.empty((len(blocks), rows, self.head_dim), dtype=np.float32)
+        key_codes, value_codes = [c for _, c in keys], [c for _, c in values]
         _core.small_code_attention_heads(
-            addresses(keys, "indices"), addresses(keys, "norms"), keys[0][1].indices.shape[1],
-            key_quantizer.bits, key_quantizer.codebook.centroids,
-            addresses(values, "indices"), addresses(values, "norms"), values[0][1].indices.shape[1],
-            value_quantizer.bits, value_quantizer.codebook.centroids,
-            self.num_tokens, np.stack(blocks), matrix_addresses(key_rotations),
-            matrix_addresses(value_rotations), scale, out, n_threads)
+            addresses([c.indices for c in key_codes]), addresses([c.norms for c in key_codes]),
+            key_codes[0].indices.shape[1], key_quantizer.bits, key_quantizer.codebook.centroids,
+            addresses([c.indices for c in value_codes]), addresses([c.norms for c in value_codes]),
+            value_codes[0].indices.shape[1], value_quantizer.bits, value_quantizer.codebook.centroids,
+            self.num_tokens, np.stack(blocks), addresses(key_rotations), addresses(value_rotations),
+            scale, out, n_threads)
         if value_rotations[0] is None:
             out = np.stack([quantizer.unrotate(head_out, n_threads) for (quantizer, _), head_out in zip(values, out)])
         outputs = out.reshape(self.num_query_heads, m, self.head_dim)
