@@ -95,8 +95,8 @@ FP_FLAGS = ["-ffp-contract=off"]
 
 extensions = [
     Extension(
-        "turboquant._core",
-        sources=["turboquant/_core.pyx"],
+        "turboquant._kernels._core",
+        sources=["turboquant/_kernels/_core.pyx"],
         include_dirs=["include", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=[] if sys.platform == "win32" else OPT + FP_FLAGS,

@@ -17,7 +17,7 @@ BENCH = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 # Like tests/conftest.py: without an in-place build, test the installed package.
-if not any((ROOT / "turboquant").glob("_core*.so")) and not any((ROOT / "turboquant").glob("_core*.pyd")):
+if not any((ROOT / "turboquant" / "_kernels").glob("_core*.so")) and not any((ROOT / "turboquant" / "_kernels").glob("_core*.pyd")):
     sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT]
 
 from reference import (  # noqa: E402

@@ -10,7 +10,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-if not any((ROOT / "turboquant").glob("_core*.so")) and not any((ROOT / "turboquant").glob("_core*.pyd")):
+if not any((ROOT / "turboquant" / "_kernels").glob("_core*.so")) and not any((ROOT / "turboquant" / "_kernels").glob("_core*.pyd")):
     sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT]
 
 import numpy as np  # noqa: E402

@@ -1,7 +1,7 @@
 """A plain-numpy model of :class:`turboquant.QuantizedKVCache`, and attention-fidelity helpers.
 
 The model is written from the documented behaviour (the module docstring of
-``turboquant/_kv_cache.py`` and :class:`turboquant.KVCacheConfig`), not from
+``turboquant/kv/_cache.py`` and :class:`turboquant.KVCacheConfig`), not from
 the cache's code:
 
 * token order is chronological; the first ``sink_tokens`` tokens appended

@@ -10,7 +10,7 @@ import pytest
 import turboquant
 from conftest import run_python
 from turboquant import InvalidParameterError, resolve_n_threads, show_config
-from turboquant import _core
+from turboquant._kernels import _core
 
 
 
@@ -104,14 +104,14 @@ def test_core_stub_matches_runtime(tmp_path):
     config = tmp_path / "mypy.ini"
     config.write_text(f"[mypy]\nignore_missing_imports = True\ncache_dir = {tmp_path / 'cache'}\n"
                       "[mypy-turboquant.*]\nignore_errors = True\n"
-                      "[mypy-turboquant._core]\nignore_errors = False\n")
-    result = run_python("-m", "mypy.stubtest", "turboquant._core", "--mypy-config-file", str(config))
+                      "[mypy-turboquant._kernels._core]\nignore_errors = False\n")
+    result = run_python("-m", "mypy.stubtest", "turboquant._kernels._core", "--mypy-config-file", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_stub_and_marker_are_shipped():
     package = pathlib.Path(turboquant.__file__).parent
-    assert (package / "_core.pyi").is_file()
+    assert (package / "_kernels" / "_core.pyi").is_file()
     assert (package / "py.typed").is_file()
 
 

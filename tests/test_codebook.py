@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from turboquant._codebook import (
+from turboquant.quant._codebook import (
     Codebook,
     _cached_codebook,
     coordinate_density,

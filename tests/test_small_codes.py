@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import turboquant as tq
-from turboquant import _core
+from turboquant._kernels import _core
 
 EPS32 = np.finfo(np.float32).eps
 AVAILABLE = _core._kernel_variants()

@@ -14,8 +14,6 @@ import os as _os
 # only if no OpenMP runtime was loaded before turboquant.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ._codebook import Codebook, coordinate_density, distortion_lower_bound, lloyd_max_codebook
-from ._codes import CodeSpec, Codes, MSECodes, ProdCodes, QJLCodes
 from ._config import show_config
 from ._errors import (
     CorruptPayloadError,
@@ -27,9 +25,29 @@ from ._errors import (
     ShapeError,
     TurboQuantError,
 )
-from ._kv_cache import MultiHeadKVCache, QuantizedKVCache
-from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
-from ._quantizers import QJL, TurboQuantMSE, TurboQuantProd
+from .kv import (
+    CacheStats,
+    KVCacheConfig,
+    MultiHeadCacheStats,
+    MultiHeadConfig,
+    MultiHeadKVCache,
+    QuantizedKVCache,
+    QuantStrategy,
+)
+from .quant import (
+    QJL,
+    Codebook,
+    CodeSpec,
+    Codes,
+    MSECodes,
+    ProdCodes,
+    QJLCodes,
+    TurboQuantMSE,
+    TurboQuantProd,
+    coordinate_density,
+    distortion_lower_bound,
+    lloyd_max_codebook,
+)
 from ._threads import resolve_n_threads
 from ._version import __version__
 

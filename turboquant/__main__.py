@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ._config import show_config
-from ._quantizers import TurboQuantMSE, TurboQuantProd
+from .quant import TurboQuantMSE, TurboQuantProd
 
 PAPER_MSE = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}
 UPPER_CONSTANT = math.sqrt(3.0) * math.pi / 2.0

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from . import _core
+from ._kernels import _core
 from ._version import __version__
 
 

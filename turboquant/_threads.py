@@ -2,7 +2,7 @@
 
 import operator
 
-from . import _core
+from ._kernels import _core
 from ._errors import InvalidParameterError
 
 

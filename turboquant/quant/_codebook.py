@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import ShapeError
-from ._validation import check_int
+from .._errors import ShapeError
+from .._validation import check_int
 
 __all__ = ["Codebook", "coordinate_density", "distortion_lower_bound", "lloyd_max_codebook"]
 

@@ -20,13 +20,13 @@ import math
 
 import numpy as np
 
-from . import _core
-from ._errors import InvalidParameterError, LengthMismatchError, NonFiniteError, ShapeError
-from ._kv_config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
-from ._quantizers import TurboQuantMSE, TurboQuantProd
+from .._kernels import _core
+from .._errors import InvalidParameterError, LengthMismatchError, NonFiniteError, ShapeError
+from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
+from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
-from ._threads import resolve_n_threads
-from ._validation import FLOAT32_MAX, as_rows
+from .._threads import resolve_n_threads
+from .._validation import FLOAT32_MAX, as_rows
 
 FULL_PRECISION = np.float32
 VALUE_PREFIX = "value."

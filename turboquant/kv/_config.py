@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from ._errors import InvalidParameterError
-from ._rotation import ROTATIONS, SKETCHES
-from ._validation import check_choice, check_int
+from .._errors import InvalidParameterError
+from ..quant._rotation import ROTATIONS, SKETCHES
+from .._validation import check_choice, check_int
 
 
 class QuantStrategy(str, enum.Enum):

@@ -8,13 +8,13 @@ import math
 
 import numpy as np
 
-from . import _core
+from .._kernels import _core
 from ._codebook import lloyd_max_codebook
 from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
-from ._errors import InvalidParameterError, NonFiniteError
+from .._errors import InvalidParameterError, NonFiniteError
 from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
-from ._threads import resolve_n_threads
-from ._validation import FLOAT32_MAX, FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
+from .._threads import resolve_n_threads
+from .._validation import FLOAT32_MAX, FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
 
 #: Rows per block of the dense rotation in ``encode``: about this many bytes of rotated rows.
 ROTATED_BLOCK_BYTES = 1 << 23

@@ -28,8 +28,8 @@ import weakref
 
 import numpy as np
 
-from . import _core
-from ._validation import check_choice
+from .._kernels import _core
+from .._validation import check_choice
 
 ROTATIONS = ("dense", "hadamard")
 SKETCHES = ("gaussian", "hadamard")

@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 
-from ._errors import CorruptPayloadError, IncompatibleCodesError, InvalidParameterError
+from .._errors import CorruptPayloadError, IncompatibleCodesError, InvalidParameterError
 
 
 def packed_row_bytes(dim, bits):
