@@ -15,6 +15,12 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def readonly(array):
+    """Mark ``array`` read-only and return it (state objects store inputs this way)."""
+    array.setflags(write=False)
+    return array
+
+
 def check_int(value, name, *, low=None, high=None):
     """Return ``value`` as a Python int, checking type and range (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):

@@ -84,8 +84,3 @@ class RowBuffer:
     def nbytes(self):
         """Bytes of the live rows (what the rows need, not the spare capacity)."""
         return sum(array[self._start:self._stop].nbytes for array in self._arrays.values())
-
-    @property
-    def allocated_bytes(self):
-        """Bytes allocated, spare capacity included."""
-        return sum(array.nbytes for array in self._arrays.values())

@@ -12,6 +12,7 @@ import operator
 import numpy as np
 
 from .._errors import CorruptPayloadError, IncompatibleCodesError, InvalidParameterError
+from .._validation import readonly
 
 
 def packed_row_bytes(dim, bits):
@@ -71,11 +72,6 @@ class CodeSpec:
         raise InvalidParameterError(f"unknown codes kind {self.kind!r}")
 
 
-def _readonly(array):
-    array.setflags(write=False)
-    return array
-
-
 class Codes:
     """A batch of quantized vectors (base class of the concrete codes types).
 
@@ -93,7 +89,7 @@ class Codes:
     def __init__(self, spec, arrays):
         # Trusted constructor: ``arrays`` already has the layout of ``spec``.
         self.spec = spec
-        self._arrays = {name: _readonly(arrays[name]) for name in spec.row_layout()}
+        self._arrays = {name: readonly(arrays[name]) for name in spec.row_layout()}
 
     # -- construction from untrusted arrays ---------------------------------
     @classmethod

@@ -29,7 +29,7 @@ import weakref
 import numpy as np
 
 from .._kernels import _core
-from .._validation import check_choice
+from .._validation import check_choice, readonly
 
 ROTATIONS = ("dense", "hadamard")
 SKETCHES = ("gaussian", "hadamard")
@@ -49,17 +49,12 @@ def seeded_rng(seed, stream):
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SEED_SALT, stream)))
 
 
-def _readonly(array):
-    array.setflags(write=False)
-    return array
-
-
 class _MatrixTransform:
     """``y = x @ matrix.T`` and its transpose ``x = y @ matrix``, in the input's dtype."""
 
     def __init__(self, matrix):
-        self.matrix = _readonly(np.ascontiguousarray(matrix, dtype=np.float64))
-        self._matrix32 = _readonly(self.matrix.astype(np.float32))
+        self.matrix = readonly(np.ascontiguousarray(matrix, dtype=np.float64))
+        self._matrix32 = readonly(self.matrix.astype(np.float32))
         self._small_operands = {}
 
     def _for(self, dtype):
@@ -76,7 +71,7 @@ class _MatrixTransform:
         operand = self._small_operands.get(key)
         if operand is None:
             matrix = self._for(dtype)
-            operand = _readonly(np.ascontiguousarray(matrix if transpose else matrix.T))
+            operand = readonly(np.ascontiguousarray(matrix if transpose else matrix.T))
             operand = self._small_operands.setdefault(key, operand)
         return operand
 
@@ -144,7 +139,7 @@ class HadamardRotation:
         self.dim = dim
         self.block = 1 << (dim.bit_length() - 1)
         signs = rng.integers(0, 2, size=(HADAMARD_ROUNDS, dim)) * 2.0 - 1.0
-        self.signs = _readonly(np.ascontiguousarray(signs, dtype=np.float64))
+        self.signs = readonly(np.ascontiguousarray(signs, dtype=np.float64))
 
     def _run(self, x, inverse, n_threads):
         out = np.empty_like(x)
