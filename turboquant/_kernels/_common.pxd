@@ -64,6 +64,11 @@ cdef extern from "tq_lut.h" nogil:
                              Py_ssize_t m, const double* scales, Py_ssize_t d, float* acc)
     double tq_exp_shifted(int variant, float* x, Py_ssize_t n, float shift)
 
+cdef extern from "tq_random.h" nogil:
+    Py_ssize_t tq_standard_normal_from_raw(const uint64_t* words, Py_ssize_t n_words,
+                                           double* out, Py_ssize_t n_out)
+    void tq_haar_orthogonal(int variant, double* a, Py_ssize_t d, double* work)
+
 cdef extern from "tq_openmp.h" nogil:
     int tq_openmp_enabled()
     int tq_max_threads()
