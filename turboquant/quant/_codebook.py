@@ -29,6 +29,15 @@ including the arcsine case whose density is singular at ``x = +-1``.
   cells their midpoints define) is then solved by Newton's method with the
   exact tridiagonal Jacobian of ``T``, halving steps that would break the
   ordering of the centroids. It converges in a handful of steps.
+
+The quantizers use :func:`float32_codebook`: the same centroids rounded to
+float32. numpy's exp, log, sin and cos may differ in the last bit between CPUs
+(their SIMD code paths) and the solver stops at a residual of ``1e-13 /
+sqrt(dim)``, so the float64 codebook can differ by a few ulps between machines;
+rounded to float32 (24 bits) it is the same everywhere unless a centroid lies
+within that difference (at most ``1e-13`` relative) of a point halfway between
+two float32 numbers: a chance below ``1e-5`` per centroid, and far smaller for
+the usual differences of a few ulps. The golden tests pin the rounded arrays.
 """
 
 from __future__ import annotations
@@ -42,7 +51,13 @@ import numpy as np
 from .._errors import ShapeError
 from .._validation import check_int
 
-__all__ = ["Codebook", "coordinate_density", "distortion_lower_bound", "lloyd_max_codebook"]
+__all__ = [
+    "Codebook",
+    "coordinate_density",
+    "distortion_lower_bound",
+    "float32_codebook",
+    "lloyd_max_codebook",
+]
 
 MIN_BITS = 1
 MAX_BITS = 8
@@ -165,6 +180,52 @@ def lloyd_max_codebook(dim, bits):
     dim = _check_dim(dim)
     bits = _check_bits(bits)
     return _cached_codebook(dim, bits)
+
+
+def float32_codebook(dim, bits):
+    """The codebook quantizers use: :func:`lloyd_max_codebook` rounded to float32.
+
+    The centroids are the Lloyd-Max centroids rounded to the nearest float32 and
+    the boundaries the float32 midpoints of those (both stored as float64), so
+    they are the same bits on every machine (see the module docs), and float32
+    and float64 inputs are compared with the same thresholds. The rounding moves
+    a centroid by at most ``2**-24`` relative, far below the quantization error;
+    the codebook stays exactly antisymmetric with its middle boundary 0.
+    ``distortion`` and ``probabilities`` are those of the exact codebook.
+    Cached like :func:`lloyd_max_codebook`.
+
+    Parameters
+    ----------
+    dim : int
+        Dimension of the vectors, ``>= 2``.
+    bits : int
+        Bits per coordinate, ``1..8``.
+
+    Returns
+    -------
+    Codebook
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``dim`` or ``bits`` is not an integer in range.
+    """
+    return _cached_float32_codebook(_check_dim(dim), _check_bits(bits))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_float32_codebook(dim, bits):
+    exact = _cached_codebook(dim, bits)
+    centroids = exact.centroids.astype(np.float32).astype(np.float64)
+    midpoints = 0.5 * (centroids[:-1] + centroids[1:])   # exact: neighbouring float32 numbers
+    return Codebook(
+        dim=dim,
+        bits=bits,
+        centroids=centroids,
+        boundaries=midpoints.astype(np.float32).astype(np.float64),
+        distortion=exact.distortion,
+        probabilities=exact.probabilities,
+    )
 
 
 def coordinate_density(x, dim):

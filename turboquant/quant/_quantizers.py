@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from .._kernels import _core
-from ._codebook import lloyd_max_codebook
+from ._codebook import float32_codebook
 from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 from .._errors import InvalidParameterError, NonFiniteError
 from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
@@ -185,7 +185,7 @@ class TurboQuantMSE(_Quantizer):
         super().__init__(dim, seed)
         self.bits = check_int(bits, "bits", low=1, high=8)
         self.rotation = check_choice(rotation, "rotation", ROTATIONS)
-        self.codebook = lloyd_max_codebook(self.dim, self.bits)
+        self.codebook = float32_codebook(self.dim, self.bits)
         self._rotation = make_rotation(self.rotation, self.dim, self.seed)
         self.spec = CodeSpec("mse", self.dim, self.bits, self.seed, self.rotation)
 
