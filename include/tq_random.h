@@ -4,10 +4,11 @@
  * subtractions, multiplications, divisions and square roots (each correctly
  * rounded by the standard), exact integer operations and the exact frexp, in
  * an order the source fixes: no libm log/exp/sin/cos (whose last bit differs
- * between C libraries and CPUs), no reductions a compiler may reorder (the
- * inner loops are element-wise axpy updates, which vectorize without changing
- * a bit), and no FMA contraction (setup.py builds with -ffp-contract=off). So
- * every machine with IEEE-754 doubles computes the same bits.
+ * between C libraries and CPUs), inner loops that are element-wise axpy
+ * updates (which vectorize without changing a bit; the one sum, a column's
+ * squared norm, runs in order, as compilers keep it without -ffast-math), and
+ * no FMA contraction (setup.py builds with -ffp-contract=off). So every machine
+ * with IEEE-754 doubles computes the same bits.
  *
  * tq_standard_normal_from_raw: standard normals from raw 64-bit words by
  *     Marsaglia's polar method, with tq_log below.
