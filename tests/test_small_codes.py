@@ -225,16 +225,16 @@ def test_fused_attention_rotates_like_the_quantizers(path, rotation, m):
     cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim, key_bits=3, value_bits=4, rotation=rotation))
     cache.append(rng.standard_normal((n, dim)), rng.standard_normal((n, dim)))
     queries = rng.standard_normal((m, dim)).astype(np.float32)
-    (key_quantizer, key_codes), (value_quantizer, value_codes) = cache._small_codes(queries)
-    inside = key_quantizer.small_rotation(m) is not None
+    (key_codec, key_arrays), (value_codec, value_arrays) = cache._small_codes(queries)
+    inside = key_codec.small_rotation(m) is not None
     assert inside == (rotation == "dense" and m * dim * dim <= 1 << 20)
-    assert (value_quantizer.small_rotation(m, inverse=True) is not None) == inside
+    assert (value_codec.small_rotation(m, inverse=True) is not None) == inside
     rotated = np.empty((m, dim), dtype=np.float32)
     _core.small_code_attention(
-        key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
-        value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids, value_codes.norms,
-        key_quantizer.rotate(queries, 1), None, None, 1.0 / np.sqrt(dim), rotated, 1)
-    np.testing.assert_array_equal(cache.attention_output(queries), value_quantizer.unrotate(rotated, 1))
+        key_arrays["indices"], key_codec.bits, key_codec.codebook.centroids, key_arrays["norms"],
+        value_arrays["indices"], value_codec.bits, value_codec.codebook.centroids, value_arrays["norms"],
+        key_codec.rotate(queries, 1), None, None, 1.0 / np.sqrt(dim), rotated, 1)
+    np.testing.assert_array_equal(cache.attention_output(queries), value_codec.unrotate(rotated, 1))
 
 
 @pytest.mark.parametrize("rotation", ["dense", "hadamard"])

@@ -37,6 +37,17 @@ def check_int(value, name, *, low=None, high=None):
     return value
 
 
+def check_float_dtype(dtype, name="dtype"):
+    """``dtype`` as float32 or float64 (InvalidParameterError for anything else)."""
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidParameterError(f"{name} must be float32 or float64, got {dtype}")
+    return dtype
+
+
 def check_choice(value, name, choices):
     """Return ``value`` when it is one of ``choices`` (strings), else raise."""
     if not isinstance(value, str) or value not in choices:
