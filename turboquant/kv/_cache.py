@@ -21,15 +21,15 @@ import math
 import numpy as np
 
 from .._kernels import _core
-from .._errors import (IncompatibleCodesError, InvalidParameterError, LengthMismatchError, NonFiniteError,
-                       ShapeError)
+from .._errors import (IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
+                       LengthMismatchError, NonFiniteError, ShapeError)
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
 from ..quant._codec import F32, SMALL_CODE_BITS, MSECodec, ProdCodec, check_block
 from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
 from .._threads import resolve_n_threads
-from .._validation import FLOAT32_MAX, as_rows, check_float_dtype
+from .._validation import FLOAT32_MAX, as_array, as_rows, check_float_dtype, check_int, check_real_dtype
 
 FULL_PRECISION = np.float32
 VALUE_PREFIX = "value."
@@ -344,7 +344,7 @@ class QuantizedKVCache:
         return rows
 
     def _check_block(self, keys, values):
-        keys_arr, values_arr = np.asarray(keys), np.asarray(values)
+        keys_arr, values_arr = as_array(keys, "keys"), as_array(values, "values")
         if keys_arr.ndim != 2 or values_arr.ndim != 2:
             raise ShapeError(
                 f"keys and values must be (n, {self.dim}) arrays; got shapes {keys_arr.shape} and {values_arr.shape}")
@@ -444,7 +444,7 @@ class QuantizedKVCache:
 
     def push_token(self, key, value, *, n_threads=None):
         """Append one token: ``key`` and ``value`` of shape (dim,)."""
-        key_arr, value_arr = np.asarray(key), np.asarray(value)
+        key_arr, value_arr = as_array(key, "key"), as_array(value, "value")
         if key_arr.ndim != 1 or value_arr.ndim != 1:
             raise ShapeError(
                 f"key and value must be ({self.dim},) vectors; got shapes {key_arr.shape} and {value_arr.shape}")
@@ -695,10 +695,9 @@ class MultiHeadKVCache:
 
     def head(self, index):
         """The :class:`QuantizedKVCache` of KV head ``index`` (IndexError when out of range)."""
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise InvalidParameterError(f"head index must be an integer, got {index!r}")
+        index = check_int(index, "head index")
         if not 0 <= index < self.num_heads:
-            raise IndexError(f"head {index} is out of range for {self.num_heads} heads")
+            raise IndexOutOfRangeError(f"head {index} is out of range for {self.num_heads} heads")
         return self._heads[index]
 
     @property
@@ -708,12 +707,13 @@ class MultiHeadKVCache:
 
     def _head_blocks(self, array, name):
         if isinstance(array, (list, tuple)):
-            shapes = {np.shape(block) for block in array}
+            array = [as_array(block, name) for block in array]
+            shapes = {block.shape for block in array}
             if len(shapes) > 1:
                 raise LengthMismatchError(
                     f"{name} has per-head blocks of different shapes {sorted(shapes)}; "
                     f"every head needs the same (n, {self.head_dim})")
-        arr = np.asarray(array)
+        arr = as_array(array, name)
         if arr.ndim != 3:
             raise ShapeError(f"{name} has shape {arr.shape}; expected ({self.num_heads}, n, {self.head_dim})")
         if arr.shape[0] != self.num_heads:
@@ -738,14 +738,14 @@ class MultiHeadKVCache:
 
     def push_token_all(self, keys, values, *, n_threads=None):
         """Append one token to every head: ``(num_heads, head_dim)`` keys and values."""
-        keys, values = np.asarray(keys), np.asarray(values)
+        keys, values = as_array(keys, "keys"), as_array(values, "values")
         if keys.ndim != 2 or values.ndim != 2:
             raise ShapeError(
                 f"keys and values must be ({self.num_heads}, {self.head_dim}); got {keys.shape} and {values.shape}")
         self.append_all(keys[:, None, :], values[:, None, :], n_threads=n_threads)
 
     def _grouped_queries(self, queries):
-        arr = np.asarray(queries)
+        arr = as_array(queries, "queries")
         if arr.ndim not in (2, 3) or arr.shape[0] != self.num_query_heads:
             raise ShapeError(
                 f"queries has shape {arr.shape}; expected ({self.num_query_heads}, {self.head_dim}) "
@@ -824,7 +824,8 @@ class MultiHeadKVCache:
 
     def concat_outputs(self, outputs):
         """Concatenate per-query-head outputs: ``(H, dim)`` -> ``(H*dim,)``, ``(H, m, dim)`` -> ``(m, H*dim)``."""
-        arr = np.asarray(outputs)
+        arr = as_array(outputs, "outputs")
+        check_real_dtype(arr, "outputs")
         heads = self.num_query_heads
         if arr.ndim not in (2, 3) or arr.shape[0] != heads or arr.shape[-1] != self.head_dim:
             raise LengthMismatchError(
