@@ -27,6 +27,7 @@ import math
 import numpy as np
 import pytest
 from conftest import random_unit_vectors
+from kv_model import assert_same_snapshot, snapshot, softmax
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -62,38 +63,6 @@ def unit_query(dim, seed):
 def float32_exact(x):
     """``x`` rounded to float32 and held as float64 (what the full-precision regions store)."""
     return np.asarray(x, dtype=np.float32).astype(np.float64)
-
-
-def softmax_rows(logits):
-    logits = np.atleast_2d(logits)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(shifted)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def snapshot(cache, query):
-    """Everything observable about a cache, for "the cache is unchanged" checks."""
-    channels = cache.outlier_channels
-    return {
-        "num_tokens": cache.num_tokens,
-        "scores": cache.attention_scores(query),
-        "output": cache.attention_output(query),
-        "keys": cache.reconstruct_keys(),
-        "values": cache.reconstruct_values(),
-        "stats": cache.stats(),
-        "channels": None if channels is None else channels.copy(),
-    }
-
-
-def assert_same_snapshot(before, after):
-    assert after["num_tokens"] == before["num_tokens"]
-    for name in ("scores", "output", "keys", "values"):
-        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    assert after["stats"] == before["stats"]
-    if before["channels"] is None:
-        assert after["channels"] is None
-    else:
-        np.testing.assert_array_equal(after["channels"], before["channels"])
 
 
 def head_blocks(num_heads, n, dim, seed):
@@ -521,7 +490,7 @@ def test_attention_output_is_softmax_of_scores_times_values(strategy, layout, sc
     cache = filled_cache(strategy, layout)
     queries = np.random.default_rng(3).standard_normal((4, 16))
     factor = 1.0 / math.sqrt(16) if scale is None else scale
-    expected_weights = softmax_rows(cache.attention_scores(queries) * factor)
+    expected_weights = softmax(cache.attention_scores(queries) * factor)
     expected = expected_weights @ cache.reconstruct_values()
     np.testing.assert_allclose(cache.attention_output(queries, scale), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(cache.attention_output(queries[0], scale), expected[0], rtol=0, atol=1e-12)
@@ -821,7 +790,7 @@ def test_outliers_reduce_attention_error():
     values = rng.standard_normal((n, dim))
     queries = rng.standard_normal((n_queries, dim))
     scale = 1.0 / math.sqrt(dim)
-    exact = softmax_rows(queries @ keys.T * scale)
+    exact = softmax(queries @ keys.T * scale)
 
     def measure(config):
         cache = QuantizedKVCache(config)

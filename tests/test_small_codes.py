@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import turboquant as tq
+from kv_model import exact_attention
 from turboquant._kernels import _core
 
 EPS32 = np.finfo(np.float32).eps
@@ -139,14 +140,6 @@ def test_paths_agree_to_float32_rounding():
 
 
 # -- fused float32 attention of the KV cache ---------------------------------------------
-def exact_attention(cache, queries, scale):
-    """float64 softmax(scale * scores) @ values from the cache's own reconstruction."""
-    keys, values = cache.reconstruct_keys(), cache.reconstruct_values()
-    logits = scale * (queries.astype(np.float64) @ keys.T)
-    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (weights / weights.sum(axis=1, keepdims=True)) @ values, weights
-
-
 @pytest.mark.parametrize("key_bits, value_bits", [(4, 4), (2, 3), (3, 1), (1, 2)])
 @pytest.mark.parametrize("n", [1, 37, 3000])
 @pytest.mark.parametrize("center_keys", [False, True])
@@ -162,7 +155,7 @@ def test_float32_attention_matches_float64(path, key_bits, value_bits, n, center
     scale = 1.0 / np.sqrt(dim)
     out = cache.attention_output(queries)
     assert out.dtype == np.float32 and out.shape == (20, dim)
-    expected, _ = exact_attention(cache, queries, scale)
+    expected, _ = exact_attention(queries, cache.reconstruct_keys(), cache.reconstruct_values(), scale)
     # Relative errors of a few float32 roundings in each logit (times its size, up to
     # ~30 here) and in the weighted sums: 1e-4 of the largest value is far outside them.
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())

@@ -41,6 +41,9 @@ NORM_DTYPES = (F32, F64)
 #: fused attention kernels among them.
 SMALL_CODE_BITS = 4
 
+#: Largest vector dimension (a dense rotation of this dim takes 32 GiB).
+MAX_DIM = 1 << 16
+
 #: Rows per block of the dense rotation in ``encode``: about this many bytes of rotated rows.
 ROTATED_BLOCK_BYTES = 1 << 23
 
@@ -262,7 +265,7 @@ class MSECodec(_ArrayCodec):
     """
 
     def __init__(self, dim, bits, seed, rotation):
-        self.dim = check_int(dim, "dim", low=2)
+        self.dim = check_int(dim, "dim", low=2, high=MAX_DIM)
         self.bits = check_int(bits, "bits", low=1, high=8)
         seed = check_int(seed, "seed", low=0)
         kind = check_choice(rotation, "rotation", ROTATIONS)
@@ -477,7 +480,7 @@ class QJLCodec(_ArrayCodec):
     """
 
     def __init__(self, dim, seed, sketch):
-        dim, seed = check_int(dim, "dim", low=2), check_int(seed, "seed", low=0)
+        dim, seed = check_int(dim, "dim", low=2, high=MAX_DIM), check_int(seed, "seed", low=0)
         self.sketch = _SignCodec(dim, seed, sketch)
         self.spec = CodeSpec("qjl", dim, 1, seed, "", self.sketch.kind)
 
