@@ -155,6 +155,35 @@ def qjl_scale(dim, sketch):
     return 1.0 / (dim * c_d)
 
 
+def _decode_rows(packed, name, row_bytes, bits, centroids, scales, dim, dtype, n_threads):
+    """(n, dim) ``scales[i] * centroids[index(i, :)]`` of ``dtype``, checked."""
+    check_packed(packed, name, row_bytes)
+    scales = check_scales(scales, "scales", packed.shape[0])
+    dtype, n_threads = check_float_dtype(dtype), check_thread_count(n_threads)
+    out = np.empty((packed.shape[0], dim), dtype=dtype)
+    if out.shape[0]:
+        _core.dequantize_rows(packed, bits, centroids, scales, out, n_threads)
+    return out
+
+
+def _score_rows(packed, name, row_bytes, bits, centroids, scales, queries, dim, out, accumulate, n_threads):
+    """``out[q, i] (+)= scales[i] <queries[q], centroids[index(i, :)]>``, checked;
+    ``out`` is allocated when None (``accumulate`` must then be False)."""
+    check_packed(packed, name, row_bytes)
+    scales = check_scales(scales, "scales", packed.shape[0])
+    check_block(queries, "queries", width=dim)
+    shape = (queries.shape[0], packed.shape[0])
+    if out is None:
+        if accumulate:
+            raise InvalidParameterError("accumulate needs an out array")
+        out = np.empty(shape, dtype=queries.dtype)
+    check_output(out, "out", shape, queries.dtype)
+    n_threads = check_thread_count(n_threads)
+    if out.size:
+        _core.lut_inner_products(packed, bits, centroids, queries, scales, out, bool(accumulate), n_threads)
+    return out
+
+
 class _ArrayCodec:
     """Array-level interface shared by the three codecs (``spec`` set by each)."""
 
@@ -220,26 +249,15 @@ class _SignCodec:
 
     def decode(self, signs, weights, dtype, n_threads):
         """``weights[i] * S^T sign_i`` for every row, (n, dim) of ``dtype``."""
-        check_packed(signs, "signs", self.row_bytes)
-        weights = check_scales(weights, "weights", signs.shape[0])
-        dtype, n_threads = check_float_dtype(dtype), check_thread_count(n_threads)
-        out = np.empty((signs.shape[0], self.dim), dtype=dtype)
-        if out.shape[0]:
-            _core.dequantize_rows(signs, 1, SIGN_CENTROIDS, weights, out, n_threads)
-        return self.transform.apply_transpose(out, n_threads)
+        out = _decode_rows(signs, "signs", self.row_bytes, 1, SIGN_CENTROIDS, weights, self.dim, dtype, n_threads)
+        return self.transform.apply_transpose(out, check_thread_count(n_threads))
 
     def score(self, signs, weights, queries, out, accumulate, n_threads):
         """``out[q, i] (+)= weights[i] <S queries[q], sign_i>`` (queries not yet sketched)."""
-        check_packed(signs, "signs", self.row_bytes)
-        weights = check_scales(weights, "weights", signs.shape[0])
         check_block(queries, "queries", width=self.dim)
-        check_output(out, "out", (queries.shape[0], signs.shape[0]), queries.dtype)
-        n_threads = check_thread_count(n_threads)
-        if out.size:
-            sketched = self.transform.apply(queries, n_threads)
-            _core.lut_inner_products(signs, 1, SIGN_CENTROIDS, sketched, weights, out,
-                                     bool(accumulate), n_threads)
-        return out
+        sketched = self.transform.apply(queries, check_thread_count(n_threads))
+        return _score_rows(signs, "signs", self.row_bytes, 1, SIGN_CENTROIDS, weights, sketched, self.dim, out,
+                           accumulate, n_threads)
 
 
 class MSECodec(_ArrayCodec):
@@ -351,13 +369,8 @@ class MSECodec(_ArrayCodec):
 
     def decode_rotated(self, indices, scales, dtype, n_threads):
         """(n, dim) rotated-domain rows ``scales[i] * centroids[index(i, :)]`` of ``dtype``."""
-        check_packed(indices, "indices", self.row_bytes)
-        scales = check_scales(scales, "scales", indices.shape[0])
-        dtype, n_threads = check_float_dtype(dtype), check_thread_count(n_threads)
-        out = np.empty((indices.shape[0], self.dim), dtype=dtype)
-        if out.shape[0]:
-            _core.dequantize_rows(indices, self.bits, self.codebook.centroids, scales, out, n_threads)
-        return out
+        return _decode_rows(indices, "indices", self.row_bytes, self.bits, self.codebook.centroids, scales,
+                            self.dim, dtype, n_threads)
 
     def score_rotated(self, indices, scales, rotated_queries, out=None, accumulate=False, n_threads=1):
         """``out[q, i] (+)= scales[i] <rotated_queries[q], centroids[index(i, :)]>``.
@@ -366,20 +379,8 @@ class MSECodec(_ArrayCodec):
         ``out`` (m, n) of the queries' dtype is allocated when None (and then
         ``accumulate`` must be False). Returns ``out``.
         """
-        check_packed(indices, "indices", self.row_bytes)
-        scales = check_scales(scales, "scales", indices.shape[0])
-        check_block(rotated_queries, "queries", width=self.dim)
-        shape = (rotated_queries.shape[0], indices.shape[0])
-        if out is None:
-            if accumulate:
-                raise InvalidParameterError("accumulate needs an out array")
-            out = np.empty(shape, dtype=rotated_queries.dtype)
-        check_output(out, "out", shape, rotated_queries.dtype)
-        n_threads = check_thread_count(n_threads)
-        if out.size:
-            _core.lut_inner_products(indices, self.bits, self.codebook.centroids, rotated_queries,
-                                     scales, out, bool(accumulate), n_threads)
-        return out
+        return _score_rows(indices, "indices", self.row_bytes, self.bits, self.codebook.centroids, scales,
+                           rotated_queries, self.dim, out, accumulate, n_threads)
 
     def weighted_sum(self, indices, scales, weights, n_threads):
         """(m, dim) float64 ``sum_i weights[q, i] * scales[i] * Pi^T centroids[index(i, :)]``

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._errors import InvalidParameterError
 from .._threads import resolve_n_threads
-from .._validation import as_rows, check_float_dtype, check_int
+from .._validation import as_rows, check_float_dtype
 from ._codec import MSECodec, ProdCodec, QJLCodec
 from ._codes import MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 
