@@ -41,7 +41,7 @@ class NumpyMSEParams:
         if quantizer.rotation != "dense":
             raise ValueError(f"the numpy reference needs a dense rotation, got {quantizer.rotation!r}")
         self.dim = quantizer.dim
-        self.rotation = _float32(quantizer._rotation.matrix)  # y = x @ R.T rotates, x = y @ R undoes
+        self.rotation = _float32(quantizer._codec.rotation.matrix)  # y = x @ R.T rotates, x = y @ R undoes
         self.centroids = _float32(quantizer.codebook.centroids)
         self.boundaries = _float32(quantizer.codebook.boundaries)
 

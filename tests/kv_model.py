@@ -59,6 +59,40 @@ def exact_attention(q, k, v, scale=None):
     return np.einsum("mn,nd->md", weights, v), weights
 
 
+def snapshot(cache, queries):
+    """Everything observable about a cache, for "a failed call changed nothing" checks."""
+    key_codes, _, value_codes = cache.quantized_codes()
+    channels = cache.outlier_channels
+    return {
+        "num_tokens": cache.num_tokens,
+        "stats": cache.stats(),
+        "scores": cache.attention_scores(queries, n_threads=1),
+        "output": cache.attention_output(queries, n_threads=1),
+        "keys": cache.reconstruct_keys(n_threads=1),
+        "values": cache.reconstruct_values(n_threads=1),
+        "channels": None if channels is None else np.array(channels),
+        "key_codes": key_codes.to_arrays(),
+        "value_codes": value_codes.to_arrays(),
+    }
+
+
+def assert_same_snapshot(before, after):
+    """Two :func:`snapshot` results are identical."""
+    assert before.keys() == after.keys()
+    for name, a in before.items():
+        b = after[name]
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), name
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}.{key}")
+        elif isinstance(a, np.ndarray) or a is None:
+            assert (b is None) == (a is None), name
+            if a is not None:
+                np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert a == b, name
+
+
 class ModelKVCache:
     """Reference model of one head's quantized KV cache (no outlier channels)."""
 

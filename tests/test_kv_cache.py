@@ -27,9 +27,7 @@ import math
 import numpy as np
 import pytest
 from conftest import random_unit_vectors
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from kv_model import assert_same_snapshot, snapshot, softmax
 
 from turboquant import (
     CacheStats,
@@ -62,38 +60,6 @@ def unit_query(dim, seed):
 def float32_exact(x):
     """``x`` rounded to float32 and held as float64 (what the full-precision regions store)."""
     return np.asarray(x, dtype=np.float32).astype(np.float64)
-
-
-def softmax_rows(logits):
-    logits = np.atleast_2d(logits)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(shifted)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def snapshot(cache, query):
-    """Everything observable about a cache, for "the cache is unchanged" checks."""
-    channels = cache.outlier_channels
-    return {
-        "num_tokens": cache.num_tokens,
-        "scores": cache.attention_scores(query),
-        "output": cache.attention_output(query),
-        "keys": cache.reconstruct_keys(),
-        "values": cache.reconstruct_values(),
-        "stats": cache.stats(),
-        "channels": None if channels is None else channels.copy(),
-    }
-
-
-def assert_same_snapshot(before, after):
-    assert after["num_tokens"] == before["num_tokens"]
-    for name in ("scores", "output", "keys", "values"):
-        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    assert after["stats"] == before["stats"]
-    if before["channels"] is None:
-        assert after["channels"] is None
-    else:
-        np.testing.assert_array_equal(after["channels"], before["channels"])
 
 
 def head_blocks(num_heads, n, dim, seed):
@@ -521,7 +487,7 @@ def test_attention_output_is_softmax_of_scores_times_values(strategy, layout, sc
     cache = filled_cache(strategy, layout)
     queries = np.random.default_rng(3).standard_normal((4, 16))
     factor = 1.0 / math.sqrt(16) if scale is None else scale
-    expected_weights = softmax_rows(cache.attention_scores(queries) * factor)
+    expected_weights = softmax(cache.attention_scores(queries) * factor)
     expected = expected_weights @ cache.reconstruct_values()
     np.testing.assert_allclose(cache.attention_output(queries, scale), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(cache.attention_output(queries[0], scale), expected[0], rtol=0, atol=1e-12)
@@ -821,7 +787,7 @@ def test_outliers_reduce_attention_error():
     values = rng.standard_normal((n, dim))
     queries = rng.standard_normal((n_queries, dim))
     scale = 1.0 / math.sqrt(dim)
-    exact = softmax_rows(queries @ keys.T * scale)
+    exact = softmax(queries @ keys.T * scale)
 
     def measure(config):
         cache = QuantizedKVCache(config)
@@ -1178,88 +1144,3 @@ def test_repr_shows_settings():
     multi = MultiHeadKVCache(MultiHeadConfig(2, KVCacheConfig(16), num_query_heads=6))
     assert repr(multi).startswith("MultiHeadKVCache(kv_heads=2, query_heads=6, head_dim=16, tokens=0, ")
 
-
-# -- the eviction logic against a plain model --------------------------------------------------
-MODEL_DIM = 8
-MODEL_STREAM = 200
-_model_rng = np.random.default_rng(14)
-MODEL_KEYS = float32_exact(_model_rng.standard_normal((MODEL_STREAM, MODEL_DIM)) * 2.0)
-MODEL_VALUES = float32_exact(_model_rng.standard_normal((MODEL_STREAM, MODEL_DIM)))
-MODEL_QUERY = _model_rng.standard_normal(MODEL_DIM)
-
-
-class CacheModel(RuleBasedStateMachine):
-    """QuantizedKVCache against a list of token indices: sinks are the first
-    ``sink_tokens`` tokens, the sliding window drops the oldest other tokens, the
-    newest ``residual_tokens`` of the rest are exact; the cache must equal a fresh
-    cache fed the model's tokens in one block."""
-
-    @initialize(
-        sinks=st.integers(0, 3), residual=st.integers(0, 5), window=st.integers(0, 6),
-        strategy=st.sampled_from(STRATEGIES), outliers=st.sampled_from([0, (1, 6)]),
-    )
-    def setup(self, sinks, residual, window, strategy, outliers):
-        max_tokens = sinks + window if window else 0
-        self.config = KVCacheConfig(MODEL_DIM, key_strategy=strategy, sink_tokens=sinks, residual_tokens=residual,
-                                    max_tokens=max_tokens, outlier_channels=outliers)
-        self.cache = QuantizedKVCache(self.config)
-        self.tokens = []
-        self.next = 0
-
-    def _model_append(self, count):
-        c = self.config
-        for _ in range(count):
-            self.tokens.append(self.next)
-            self.next += 1
-            if c.max_tokens and len(self.tokens) > c.max_tokens:
-                del self.tokens[c.sink_tokens]
-
-    @precondition(lambda self: self.next < MODEL_STREAM - 10)
-    @rule(count=st.integers(0, 7))
-    def append(self, count):
-        rows = slice(self.next, self.next + count)
-        self.cache.append(MODEL_KEYS[rows], MODEL_VALUES[rows], n_threads=1)
-        self._model_append(count)
-
-    @precondition(lambda self: self.next < MODEL_STREAM - 10)
-    @rule()
-    def push(self):
-        self.cache.push_token(MODEL_KEYS[self.next], MODEL_VALUES[self.next], n_threads=1)
-        self._model_append(1)
-
-    @rule()
-    def clear(self):
-        self.cache.clear()
-        self.tokens = []
-
-    @rule()
-    def failed_append(self):
-        bad = MODEL_KEYS[:2].copy()
-        bad[1, 0] = np.nan
-        with pytest.raises(NonFiniteError):
-            self.cache.append(bad, MODEL_VALUES[:2], n_threads=1)
-
-    @invariant()
-    def matches_model(self):
-        c, tokens = self.config, self.tokens
-        n = len(tokens)
-        assert self.cache.num_tokens == n
-        sinks = min(c.sink_tokens, n)
-        recent = min(c.residual_tokens, n - sinks)
-        stats = self.cache.stats()
-        assert (stats.quantized_tokens, stats.full_precision_tokens) == (n - sinks - recent, sinks + recent)
-        keys = self.cache.reconstruct_keys(n_threads=1)
-        exact = rows((0, sinks), (n - recent, n))
-        np.testing.assert_array_equal(keys[exact], MODEL_KEYS[np.asarray(tokens, dtype=int)[exact]])
-        fresh = QuantizedKVCache(dataclasses.replace(c, max_tokens=0))
-        fresh.append(MODEL_KEYS[tokens], MODEL_VALUES[tokens], n_threads=1)
-        np.testing.assert_allclose(self.cache.attention_scores(MODEL_QUERY, n_threads=1),
-                                   fresh.attention_scores(MODEL_QUERY, n_threads=1), rtol=0, atol=1e-10)
-        np.testing.assert_allclose(self.cache.reconstruct_values(n_threads=1), fresh.reconstruct_values(n_threads=1),
-                                   rtol=0, atol=1e-10)
-
-
-CacheModel.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=12, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow])
-test_cache_matches_model = CacheModel.TestCase

@@ -6,7 +6,14 @@ clears, reads and invalid appends run on a real cache and on
 the attention output, the held keys/values and the memory accounting must
 agree. Quantization is deterministic and row-independent, so scores agree to
 rounding (rtol 1e-9), not merely statistically.
+
+The same machine runs on caches with outlier key channels, which the model
+does not quantize: there the model tracks the tokens and their regions, and
+the cache must equal a fresh cache fed the held tokens in one block.
 """
+
+import dataclasses
+
 
 import numpy as np
 import pytest
@@ -14,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kv_model import QUANTIZED, RECENT, SINK, ModelKVCache
+from kv_model import QUANTIZED, RECENT, SINK, ModelKVCache, assert_same_snapshot, snapshot
 from turboquant import (
     DTypeError,
     KVCacheConfig,
@@ -33,11 +40,15 @@ ONE = 1
 
 
 @st.composite
-def cache_configs(draw):
+def cache_configs(draw, outliers=False):
     strategy = draw(st.sampled_from(["mse", "prod"]))
     sink_tokens = draw(st.integers(0, 3))
+    dim = draw(st.sampled_from([8, 16] if outliers else [2, 5, 8, 16]))
+    # Explicit channels, so that a fresh cache fed the held tokens uses the same ones.
+    channels = tuple(sorted(draw(st.sets(st.integers(0, dim - 1), min_size=2, max_size=3)))) if outliers else 0
     return KVCacheConfig(
-        dim=draw(st.sampled_from([2, 5, 8, 16])),
+        dim=dim,
+        outlier_channels=channels,
         key_bits=draw(st.integers(2 if strategy == "prod" else 1, 8)),
         value_bits=draw(st.integers(1, 8)),
         key_strategy=strategy,
@@ -68,45 +79,22 @@ def assert_close(actual, expected, magnitude):
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * max(magnitude, 1e-300))
 
 
-def snapshot(cache, queries):
-    """Everything observable about a cache, for 'nothing changed' checks."""
-    key_codes, _, value_codes = cache.quantized_codes()
-    return {
-        "num_tokens": cache.num_tokens,
-        "stats": cache.stats(),
-        "scores": cache.attention_scores(queries, n_threads=ONE),
-        "output": cache.attention_output(queries, n_threads=ONE),
-        "keys": cache.reconstruct_keys(n_threads=ONE),
-        "values": cache.reconstruct_values(n_threads=ONE),
-        "key_codes": {name: np.array(a) for name, a in key_codes.to_arrays().items()},
-        "value_codes": {name: np.array(a) for name, a in value_codes.to_arrays().items()},
-    }
-
-
-def assert_same_snapshot(before, after):
-    assert before.keys() == after.keys()
-    for name, a in before.items():
-        b = after[name]
-        if isinstance(a, dict):
-            assert a.keys() == b.keys()
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}.{key}")
-        elif isinstance(a, np.ndarray):
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        else:
-            assert a == b, name
-
-
 INVALID_KINDS = ["nan_key", "inf_value", "rows_mismatch", "wrong_dim", "one_d_block", "three_d_block",
                  "string_dtype", "push_nan", "push_2d", "push_wrong_dim"]
 
 
 class KVCacheMachine(RuleBasedStateMachine):
-    @initialize(config=cache_configs(), query_seed=SEEDS)
-    def setup(self, config, query_seed):
+    """The cache against the model; :attr:`outliers` puts outlier key channels in the configs."""
+
+    outliers = False
+
+    @initialize(data=st.data(), query_seed=SEEDS)
+    def setup(self, data, query_seed):
+        config = data.draw(cache_configs(self.outliers))
         self.config = config
         self.cache = QuantizedKVCache(config)
-        self.model = ModelKVCache(config)
+        # The token regions do not depend on the outlier channels.
+        self.model = ModelKVCache(dataclasses.replace(config, outlier_channels=0))
         self.queries = np.random.default_rng(query_seed).standard_normal((3, config.dim))
 
     # -- writes ----------------------------------------------------------------------
@@ -176,6 +164,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         expected_shape = (self.model.num_tokens,) if one_d else (m, self.model.num_tokens)
         assert scores.shape == weights.shape == expected_shape
         assert output.shape == ((self.config.dim,) if one_d else (m, self.config.dim))
+        if self.outliers:
+            return
         self._check_reads(np.atleast_2d(queries), np.atleast_2d(scores), np.atleast_2d(output), scale)
         held_keys, held_values = self.model.held_keys(), self.model.held_values()
         assert_close(self.cache.reconstruct_keys(n_threads=ONE), held_keys, np.abs(held_keys).max(initial=0.0))
@@ -195,8 +185,27 @@ class KVCacheMachine(RuleBasedStateMachine):
     def agrees_with_model(self):
         model, cache = self.model, self.cache
         assert cache.num_tokens == len(cache) == model.num_tokens
+        if self.outliers:
+            self._check_against_fresh_cache()
+            return
         self._check_reads(self.queries, cache.attention_scores(self.queries, n_threads=ONE),
                           cache.attention_output(self.queries, n_threads=ONE), None)
+
+    def _check_against_fresh_cache(self):
+        """Equal to a cache (no window) fed the held tokens in one block; sink and
+        recent keys held exactly as the model holds them (float32)."""
+        tokens = self.model.tokens
+        keys = np.array([t.key for t in tokens]).reshape(-1, self.config.dim)
+        values = np.array([t.value for t in tokens]).reshape(-1, self.config.dim)
+        fresh = QuantizedKVCache(dataclasses.replace(self.config, max_tokens=0))
+        fresh.append(keys, values, n_threads=ONE)
+        magnitude = np.abs(self.queries).max() * np.abs(keys).max(initial=0.0) * self.config.dim
+        assert_close(self.cache.attention_scores(self.queries, n_threads=ONE),
+                     fresh.attention_scores(self.queries, n_threads=ONE), magnitude)
+        assert_close(self.cache.reconstruct_values(n_threads=ONE), fresh.reconstruct_values(n_threads=ONE),
+                     np.abs(values).max(initial=0.0))
+        exact = [i for i, t in enumerate(tokens) if t.region != QUANTIZED]
+        np.testing.assert_array_equal(self.cache.reconstruct_keys(n_threads=ONE)[exact], keys[exact])
 
     @invariant()
     def accounting_agrees(self):
@@ -205,10 +214,12 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert stats.quantized_tokens == model.count(QUANTIZED)
         assert stats.full_precision_tokens == model.count(SINK) + model.count(RECENT)
         assert stats.quantized_tokens + stats.full_precision_tokens == stats.num_tokens
+        assert stats.uncompressed_bytes == model.num_tokens * self.config.dim * 8
+        if self.outliers:
+            return
         key_bytes, value_bytes = model.byte_sizes()
         assert (stats.key_bytes, stats.value_bytes) == (key_bytes, value_bytes)
         assert stats.total_bytes == key_bytes + value_bytes
-        assert stats.uncompressed_bytes == model.num_tokens * self.config.dim * 8
 
     @invariant()
     def window_rules_hold(self):
@@ -241,10 +252,16 @@ def test_model_regions_follow_the_documented_layout():
     assert [t.region for t in model.tokens] == [SINK, SINK, RECENT]
 
 
-KVCacheMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+class OutlierKVCacheMachine(KVCacheMachine):
+    outliers = True
+
+
+for _machine, _examples in ((KVCacheMachine, 60), (OutlierKVCacheMachine, 40)):
+    _machine.TestCase.settings = settings(
+        max_examples=_examples, stateful_step_count=25, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow])
 TestKVCacheStateMachine = KVCacheMachine.TestCase
+TestOutlierKVCacheStateMachine = OutlierKVCacheMachine.TestCase
 
 
 # -- values beyond float32 range ----------------------------------------------------------

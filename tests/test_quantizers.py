@@ -44,12 +44,12 @@ def unpack(packed, bits, dim):
 
 
 def rotation_matrix(mse):
-    """``R`` with ``mse.rotate(x) == x @ R.T``, through the public rotate()."""
-    return mse.rotate(np.eye(mse.dim), 1).T
+    """``R`` with ``mse.rotate(x) == x @ R.T``, through the codec's rotate()."""
+    return mse._codec.rotate(np.eye(mse.dim), 1).T
 
 
 def sketch_matrix(quantizer):
-    return quantizer._sketch.transform.matrix
+    return quantizer._codec.sketch.transform.matrix
 
 
 def reconstruction_parts(quantizer, codes):
@@ -156,7 +156,7 @@ def test_rotation_is_independent_of_data_drawn_with_the_same_seed(rotation, seed
     x = np.random.default_rng(seed).standard_normal((256, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     quantizer = TurboQuantMSE(dim, bits, seed=seed, rotation=rotation)
-    rotated = quantizer.rotate(x, 1)
+    rotated = quantizer._codec.rotate(x, 1)
     assert np.max(np.abs(rotated)) < 0.6, np.sort(np.abs(rotated).max(axis=1))[-5:]
     errors = np.sum((x - quantizer.dequantize(quantizer.quantize(x))) ** 2, axis=1)
     measured, se = mean_and_se(errors)
@@ -441,7 +441,7 @@ def test_float32_and_float64_inputs_agree_except_at_ties(rotation, bits):
     assert mismatch.mean() < 1e-4
     # Each mismatch sits at a tie: float32 rotation errs by about sqrt(d) eps32 |x| ~ 1e-6.
     norms = np.linalg.norm(x64, axis=1, keepdims=True)
-    u = quantizer.rotate(x64, 1) / norms
+    u = quantizer._codec.rotate(x64, 1) / norms
     distance = np.min(np.abs(u[mismatch][:, None] - quantizer.codebook.boundaries[None, :]), axis=1,
                       initial=np.inf)
     assert np.all(distance <= 1e-5), distance

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import turboquant as tq
+from kv_model import exact_attention
 from turboquant._kernels import _core
 
 EPS32 = np.finfo(np.float32).eps
@@ -139,14 +140,6 @@ def test_paths_agree_to_float32_rounding():
 
 
 # -- fused float32 attention of the KV cache ---------------------------------------------
-def exact_attention(cache, queries, scale):
-    """float64 softmax(scale * scores) @ values from the cache's own reconstruction."""
-    keys, values = cache.reconstruct_keys(), cache.reconstruct_values()
-    logits = scale * (queries.astype(np.float64) @ keys.T)
-    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (weights / weights.sum(axis=1, keepdims=True)) @ values, weights
-
-
 @pytest.mark.parametrize("key_bits, value_bits", [(4, 4), (2, 3), (3, 1), (1, 2)])
 @pytest.mark.parametrize("n", [1, 37, 3000])
 @pytest.mark.parametrize("center_keys", [False, True])
@@ -162,7 +155,7 @@ def test_float32_attention_matches_float64(path, key_bits, value_bits, n, center
     scale = 1.0 / np.sqrt(dim)
     out = cache.attention_output(queries)
     assert out.dtype == np.float32 and out.shape == (20, dim)
-    expected, _ = exact_attention(cache, queries, scale)
+    expected, _ = exact_attention(queries, cache.reconstruct_keys(), cache.reconstruct_values(), scale)
     # Relative errors of a few float32 roundings in each logit (times its size, up to
     # ~30 here) and in the weighted sums: 1e-4 of the largest value is far outside them.
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
@@ -225,16 +218,16 @@ def test_fused_attention_rotates_like_the_quantizers(path, rotation, m):
     cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim, key_bits=3, value_bits=4, rotation=rotation))
     cache.append(rng.standard_normal((n, dim)), rng.standard_normal((n, dim)))
     queries = rng.standard_normal((m, dim)).astype(np.float32)
-    (key_quantizer, key_codes), (value_quantizer, value_codes) = cache._small_codes(queries)
-    inside = key_quantizer.small_rotation(m) is not None
+    (key_codec, key_arrays), (value_codec, value_arrays) = cache._small_codes(queries)
+    inside = key_codec.small_rotation(m) is not None
     assert inside == (rotation == "dense" and m * dim * dim <= 1 << 20)
-    assert (value_quantizer.small_rotation(m, inverse=True) is not None) == inside
+    assert (value_codec.small_rotation(m, inverse=True) is not None) == inside
     rotated = np.empty((m, dim), dtype=np.float32)
     _core.small_code_attention(
-        key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
-        value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids, value_codes.norms,
-        key_quantizer.rotate(queries, 1), None, None, 1.0 / np.sqrt(dim), rotated, 1)
-    np.testing.assert_array_equal(cache.attention_output(queries), value_quantizer.unrotate(rotated, 1))
+        key_arrays["indices"], key_codec.bits, key_codec.codebook.centroids, key_arrays["norms"],
+        value_arrays["indices"], value_codec.bits, value_codec.codebook.centroids, value_arrays["norms"],
+        key_codec.rotate(queries, 1), None, None, 1.0 / np.sqrt(dim), rotated, 1)
+    np.testing.assert_array_equal(cache.attention_output(queries), value_codec.unrotate(rotated, 1))
 
 
 @pytest.mark.parametrize("rotation", ["dense", "hadamard"])

@@ -18,6 +18,10 @@ class ShapeError(TurboQuantError, ValueError):
     """An array has the wrong number of dimensions or the wrong size."""
 
 
+class IndexOutOfRangeError(TurboQuantError, IndexError):
+    """An index (of a code row or a head) is out of range or of an unusable type."""
+
+
 class LengthMismatchError(ShapeError):
     """Arrays that must have the same number of rows (or heads) do not."""
 

@@ -37,6 +37,17 @@ def check_int(value, name, *, low=None, high=None):
     return value
 
 
+def check_float_dtype(dtype, name="dtype"):
+    """``dtype`` as float32 or float64 (InvalidParameterError for anything else)."""
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidParameterError(f"{name} must be float32 or float64, got {dtype}")
+    return dtype
+
+
 def check_choice(value, name, choices):
     """Return ``value`` when it is one of ``choices`` (strings), else raise."""
     if not isinstance(value, str) or value not in choices:
@@ -45,17 +56,23 @@ def check_choice(value, name, choices):
     return value
 
 
-def float_dtype_of(array, name):
-    """The float dtype an input is computed in: float32 stays float32, every
-    other real dtype (float16, integers, bool) becomes float64."""
-    dtype = array.dtype
-    if dtype in FLOAT_DTYPES:
-        return dtype
-    if dtype.kind in "biuf":
-        return np.dtype(np.float64)
-    raise DTypeError(
-        f"{name} has dtype {dtype}; expected a real floating or integer dtype"
-    )
+def as_array(x, name):
+    """``numpy.asarray(x)``, with the errors numpy raises for ragged or unusable
+    input turned into ours (ShapeError, DTypeError)."""
+    try:
+        return np.asarray(x)
+    except ValueError as error:
+        raise ShapeError(f"{name} is not a rectangular array ({error})") from None
+    except TypeError as error:
+        raise DTypeError(f"{name} cannot be converted to an array ({error})") from None
+
+
+def check_real_dtype(array, name):
+    """Raise DTypeError unless ``array`` has a real floating, integer or bool dtype."""
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise DTypeError(
+            f"{name} has dtype {array.dtype}; expected a real floating or integer dtype"
+        )
 
 
 def as_rows(x, dim, name, *, dtype=None, check_finite=True):
@@ -84,11 +101,8 @@ def as_rows(x, dim, name, *, dtype=None, check_finite=True):
     ------
     DTypeError, ShapeError, NonFiniteError
     """
-    array = np.asarray(x)
-    if array.dtype == object or array.dtype.kind not in "biuf":
-        raise DTypeError(
-            f"{name} has dtype {array.dtype}; expected a real floating or integer dtype"
-        )
+    array = as_array(x, name)
+    check_real_dtype(array, name)
     if array.ndim not in (1, 2):
         raise ShapeError(
             f"{name} has shape {array.shape}; expected ({dim},) or (n, {dim})"
@@ -96,7 +110,11 @@ def as_rows(x, dim, name, *, dtype=None, check_finite=True):
     if array.shape[-1] != dim:
         expected = f"({dim},)" if array.ndim == 1 else f"(n, {dim})"
         raise ShapeError(f"{name} has shape {array.shape}; expected {expected}")
-    target = float_dtype_of(array, name) if dtype is None else np.dtype(dtype)
+    # float32 stays float32; every other real dtype (float16, integers, bool) becomes float64.
+    if dtype is not None:
+        target = np.dtype(dtype)
+    else:
+        target = array.dtype if array.dtype in FLOAT_DTYPES else np.dtype(np.float64)
     was_1d = array.ndim == 1
     rows = np.ascontiguousarray(array.reshape(1, dim) if was_1d else array, dtype=target)
     if check_finite:

@@ -21,30 +21,35 @@ import math
 import numpy as np
 
 from .._kernels import _core
-from .._errors import InvalidParameterError, LengthMismatchError, NonFiniteError, ShapeError
+from .._errors import (IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
+                       LengthMismatchError, NonFiniteError, ShapeError)
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
+from ..quant._codec import F32, SMALL_CODE_BITS, MSECodec, ProdCodec, check_block
+from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
 from .._threads import resolve_n_threads
-from .._validation import FLOAT32_MAX, as_rows
+from .._validation import FLOAT32_MAX, as_array, as_rows, check_float_dtype, check_int, check_real_dtype
 
 FULL_PRECISION = np.float32
 VALUE_PREFIX = "value."
-#: Codes of at most this many bits have float32 kernels (include/tq_lut.h).
-SMALL_CODE_BITS = 4
 
 
-def _layout_of(quantizer, prefix):
+def _layout_of(codec, prefix):
     layout = {}
-    for name, (dtype, width) in quantizer.spec.row_layout().items():
+    for name, (dtype, width) in codec.spec.row_layout().items():
         layout[prefix + name] = (dtype, () if width is None else (width,))
     return layout
 
 
-def _codes_view(quantizer, arrays, prefix):
+def _unprefixed(codec, views, prefix):
+    """A codec's arrays among the buffer's views, under their own names."""
+    return {name: views[prefix + name] for name in codec.spec.row_layout()}
+
+
+def _codes_view(codec, arrays):
     """Trusted codes object over the buffer's live rows."""
-    names = quantizer.spec.row_layout()
-    return quantizer.codes_type(quantizer.spec, {name: arrays[prefix + name] for name in names})
+    return CODES_TYPES[codec.spec.kind](codec.spec, arrays)
 
 
 class _DerivedViews:
@@ -65,28 +70,36 @@ class _DerivedViews:
 
 
 class _KeyCodec:
-    """Key quantization: one quantizer over all channels, or a main quantizer plus
-    a second one, with more bits, for the outlier channels."""
+    """Key quantization: one codec over all channels, or a main codec plus a
+    second one, with more bits, for the outlier channels."""
 
     def __init__(self, config):
         self.config = config
         n_outliers = config.num_outlier_channels
-        self.main = self._quantizer(config.dim - n_outliers, config.key_bits, config.seed)
-        self.outlier = (self._quantizer(n_outliers, config.outlier_bits, config.seed + 1)
+        self.main = self._codec(config.dim - n_outliers, config.key_bits, config.seed)
+        self.outlier = (self._codec(n_outliers, config.outlier_bits, config.seed + 1)
                         if n_outliers else None)
         self.layout = _layout_of(self.main, "main.")
         if self.outlier is not None:
             self.layout.update(_layout_of(self.outlier, "outlier."))
+        # The public quantizers over the same codecs.
+        self.main_quantizer, self.outlier_quantizer = self._quantizer(self.main), self._quantizer(self.outlier)
         self._views = _DerivedViews()
-        self._small = (self.outlier is None and isinstance(self.main, TurboQuantMSE)
+        self._small = (self.outlier is None and isinstance(self.main, MSECodec)
                        and self.main.bits <= SMALL_CODE_BITS)
         self.reset()
 
-    def _quantizer(self, dim, bits, seed):
+    def _codec(self, dim, bits, seed):
         c = self.config
         if c.key_strategy is QuantStrategy.PROD:
-            return TurboQuantProd(dim, bits, seed=seed, rotation=c.rotation, sketch=c.sketch)
-        return TurboQuantMSE(dim, bits, seed=seed, rotation=c.rotation)
+            return ProdCodec(dim, bits, seed, c.rotation, c.sketch)
+        return MSECodec(dim, bits, seed, c.rotation)
+
+    @staticmethod
+    def _quantizer(codec):
+        if codec is None:
+            return None
+        return (TurboQuantProd if isinstance(codec, ProdCodec) else TurboQuantMSE)._of(codec)
 
     def reset(self):
         """Forget the key center and automatically chosen outlier channels (explicit ones stay)."""
@@ -122,89 +135,90 @@ class _KeyCodec:
         if center is not None:
             rows = rows - center.astype(rows.dtype)
         if self.outlier is None:
-            return self._encode_part(self.main, rows, "main.", n_threads)
+            return _prefixed("main.", self.main.quantize(rows, n_threads, "keys"))
         rest = np.setdiff1d(np.arange(self.config.dim), channels)
-        arrays = self._encode_part(self.main, np.ascontiguousarray(rows[:, rest]), "main.", n_threads)
-        arrays.update(self._encode_part(
-            self.outlier, np.ascontiguousarray(rows[:, channels]), "outlier.", n_threads))
+        arrays = _prefixed("main.", self.main.quantize(np.ascontiguousarray(rows[:, rest]), n_threads, "keys"))
+        arrays.update(_prefixed("outlier.", self.outlier.quantize(
+            np.ascontiguousarray(rows[:, channels]), n_threads, "keys")))
         return arrays
 
-    @staticmethod
-    def _encode_part(quantizer, rows, prefix, n_threads):
-        codes = quantizer._quantize_rows(rows, n_threads)
-        return {prefix + name: array for name, array in codes._arrays.items()}
-
-    def scores(self, arrays, queries, n_threads):
-        main, outlier = self.codes(arrays)
-        out = np.empty((queries.shape[0], len(main)), dtype=queries.dtype)
+    def scores(self, views, queries, n_threads):
+        main, outlier = self.arrays(views)
         if outlier is None:
-            self.main._inner_products(main, queries, out, n_threads)
+            out = self.main.inner_products(main, queries, n_threads)
         else:
-            self.main._inner_products(main, np.ascontiguousarray(queries[:, self.rest]), out, n_threads)
-            extra = np.empty_like(out)
-            self.outlier._inner_products(outlier, np.ascontiguousarray(queries[:, self.channels]),
-                                         extra, n_threads)
-            out += extra
+            out = self.main.inner_products(main, np.ascontiguousarray(queries[:, self.rest]), n_threads)
+            out += self.outlier.inner_products(outlier, np.ascontiguousarray(queries[:, self.channels]),
+                                               n_threads)
         if self.center is not None:
             out += (queries @ self.center.astype(np.float64)).astype(out.dtype)[:, None]
         return out
 
-    def decode(self, arrays, dtype, n_threads):
-        main_codes, outlier_codes = self.codes(arrays)
-        main = self.main._dequantize(main_codes, dtype, n_threads)
-        if outlier_codes is None:
+    def decode(self, views, dtype, n_threads):
+        main_arrays, outlier_arrays = self.arrays(views)
+        main = self.main.dequantize(main_arrays, dtype, n_threads)
+        if outlier_arrays is None:
             out = main
         else:
             out = np.empty((main.shape[0], self.config.dim), dtype=dtype)
             out[:, self.rest] = main
-            out[:, self.channels] = self.outlier._dequantize(outlier_codes, dtype, n_threads)
+            out[:, self.channels] = self.outlier.dequantize(outlier_arrays, dtype, n_threads)
         if self.center is not None:
             out += self.center.astype(dtype)
         return out
 
-    def small_codes(self, arrays):
-        """``(quantizer, codes)`` when every key is an MSE code of at most
+    def small_codes(self, views):
+        """``(codec, arrays)`` when every key is an MSE code of at most
         SMALL_CODE_BITS bits (the fused float32 attention kernel applies), else None."""
-        return (self.main, self.codes(arrays)[0]) if self._small else None
+        return (self.main, self.arrays(views)[0]) if self._small else None
 
     @property
     def nbytes(self):
         """Bytes of state beside the codes (the key center)."""
         return 0 if self.center is None else self.center.nbytes
 
-    def codes(self, arrays):
-        """(main codes, outlier codes or None) over the quantized region's ``arrays``."""
-        return self._views.get(arrays, lambda views: (
-            _codes_view(self.main, views, "main."),
-            None if self.outlier is None else _codes_view(self.outlier, views, "outlier.")))
+    def arrays(self, views):
+        """(main arrays, outlier arrays or None) over the quantized region's ``views``."""
+        return self._views.get(views, lambda views: (
+            _unprefixed(self.main, views, "main."),
+            None if self.outlier is None else _unprefixed(self.outlier, views, "outlier.")))
+
+    def codes(self, views):
+        """(main codes, outlier codes or None) over the quantized region's ``views``."""
+        main, outlier = self.arrays(views)
+        return _codes_view(self.main, main), None if outlier is None else _codes_view(self.outlier, outlier)
 
 
 class _ValueCodec:
-    """Value quantization with :class:`TurboQuantMSE`."""
+    """Value quantization with :class:`MSECodec`."""
 
     def __init__(self, config):
-        self.quantizer = TurboQuantMSE(config.dim, config.value_bits, seed=config.seed + 2,
-                                       rotation=config.rotation)
-        self.layout = _value_prefixed(_layout_of(self.quantizer, ""))
+        self.codec = MSECodec(config.dim, config.value_bits, config.seed + 2, config.rotation)
+        self.quantizer = TurboQuantMSE._of(self.codec)
+        self.layout = _layout_of(self.codec, VALUE_PREFIX)
         self._views = _DerivedViews()
 
     def encode(self, rows, n_threads):
-        return _value_prefixed(self.quantizer._quantize_rows(rows, n_threads)._arrays)
+        return _prefixed(VALUE_PREFIX, self.codec.quantize(rows, n_threads, "values"))
 
-    def decode(self, arrays, dtype, n_threads):
-        return self.quantizer._dequantize(self.codes(arrays), dtype, n_threads)
+    def decode(self, views, dtype, n_threads):
+        return self.codec.dequantize(self.arrays(views), dtype, n_threads)
 
-    def weighted_sum(self, arrays, weights, n_threads):
-        codes = self.codes(arrays)
-        return self.quantizer.weighted_sum_rows(codes.indices, codes.norms, weights, n_threads)
+    def weighted_sum(self, views, weights, n_threads):
+        arrays = self.arrays(views)
+        return self.codec.weighted_sum(arrays["indices"], arrays["norms"], weights, n_threads)
 
-    def small_codes(self, arrays):
-        """``(quantizer, codes)`` when the values have at most SMALL_CODE_BITS bits, else None."""
-        return (self.quantizer, self.codes(arrays)) if self.quantizer.bits <= SMALL_CODE_BITS else None
+    def small_codes(self, views):
+        """``(codec, arrays)`` when the values have at most SMALL_CODE_BITS bits, else None."""
+        return (self.codec, self.arrays(views)) if self.codec.bits <= SMALL_CODE_BITS else None
 
-    def codes(self, arrays):
-        """Value codes over the quantized region's ``arrays``."""
-        return self._views.get(arrays, lambda views: _codes_view(self.quantizer, views, VALUE_PREFIX))
+    def arrays(self, views):
+        """Value arrays over the quantized region's ``views``, under their own names."""
+        return self._views.get(views, lambda views: _unprefixed(self.codec, views, VALUE_PREFIX))
+
+    def codes(self, views):
+        """Value codes over the quantized region's ``views``."""
+        return _codes_view(self.codec, self.arrays(views))
 
 
 class _PendingAppend:
@@ -214,14 +228,9 @@ class _PendingAppend:
                  "drop_recent", "recent_keys", "recent_values", "channels", "added")
 
 
-def _value_prefixed(mapping):
-    """Value arrays (or their layout) named as stored beside the keys."""
-    return {VALUE_PREFIX + name: item for name, item in mapping.items()}
-
-
-def _value_arrays(views):
-    """The value arrays among the quantized region's views, under their own names."""
-    return {name[len(VALUE_PREFIX):]: array for name, array in views.items() if name.startswith(VALUE_PREFIX)}
+def _prefixed(prefix, arrays):
+    """A codec's arrays named as stored beside the others."""
+    return {prefix + name: array for name, array in arrays.items()}
 
 
 def _softmax(logits):
@@ -292,12 +301,12 @@ class QuantizedKVCache:
     @property
     def key_quantizer(self):
         """The quantizer of the (non-outlier) key channels."""
-        return self._keys.main
+        return self._keys.main_quantizer
 
     @property
     def outlier_key_quantizer(self):
         """The quantizer of the outlier key channels, or None."""
-        return self._keys.outlier
+        return self._keys.outlier_quantizer
 
     @property
     def value_quantizer(self):
@@ -335,7 +344,7 @@ class QuantizedKVCache:
         return rows
 
     def _check_block(self, keys, values):
-        keys_arr, values_arr = np.asarray(keys), np.asarray(values)
+        keys_arr, values_arr = as_array(keys, "keys"), as_array(values, "values")
         if keys_arr.ndim != 2 or values_arr.ndim != 2:
             raise ShapeError(
                 f"keys and values must be (n, {self.dim}) arrays; got shapes {keys_arr.shape} and {values_arr.shape}")
@@ -435,7 +444,7 @@ class QuantizedKVCache:
 
     def push_token(self, key, value, *, n_threads=None):
         """Append one token: ``key`` and ``value`` of shape (dim,)."""
-        key_arr, value_arr = np.asarray(key), np.asarray(value)
+        key_arr, value_arr = as_array(key, "key"), as_array(value, "value")
         if key_arr.ndim != 1 or value_arr.ndim != 1:
             raise ShapeError(
                 f"key and value must be ({self.dim},) vectors; got shapes {key_arr.shape} and {value_arr.shape}")
@@ -565,23 +574,22 @@ class QuantizedKVCache:
         small = self._small_codes(queries)
         if small is None:
             return None
-        (key_quantizer, key_codes), (value_quantizer, value_codes) = small
+        (key_codec, key_arrays), (value_codec, value_arrays) = small
+        m, n = queries.shape[0], len(self._quantized)
+        keys = key_codec.attention_operands(key_arrays["indices"], key_arrays["norms"], n)
+        values = value_codec.attention_operands(value_arrays["indices"], value_arrays["norms"], n)
         # Dense rotations of a few queries run inside the kernel (same bits).
-        key_rotation = key_quantizer.small_rotation(queries.shape[0])
-        value_rotation = value_quantizer.small_rotation(queries.shape[0], inverse=True)
+        key_rotation = key_codec.small_rotation(m)
+        value_rotation = value_codec.small_rotation(m, inverse=True)
         if key_rotation is None:
-            queries = key_quantizer.rotate(queries, n_threads)
-        out = np.empty((queries.shape[0], self.dim), dtype=np.float32)
-        _core.small_code_attention(
-            key_codes.indices, key_quantizer.bits, key_quantizer.codebook.centroids, key_codes.norms,
-            value_codes.indices, value_quantizer.bits, value_quantizer.codebook.centroids,
-            value_codes.norms, queries, key_rotation, value_rotation, scale, out, n_threads)
-        return out if value_rotation is not None else value_quantizer.unrotate(out, n_threads)
+            queries = key_codec.rotate(queries, n_threads)
+        check_block(queries, "queries", width=self.dim, dtypes=(F32,))
+        out = np.empty((m, self.dim), dtype=np.float32)
+        _core.small_code_attention(*keys, *values, queries, key_rotation, value_rotation, scale, out, n_threads)
+        return out if value_rotation is not None else value_codec.unrotate(out, n_threads)
 
     def _reconstruct(self, which, dtype, n_threads):
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise InvalidParameterError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = check_float_dtype(dtype)
         n_threads = resolve_n_threads(n_threads)
         parts = [self._sinks.views()[which].astype(dtype)]
         if len(self._quantized):
@@ -606,7 +614,7 @@ class QuantizedKVCache:
         """Byte-exact memory accounting (:class:`CacheStats`)."""
         c = self.config
         views = self._quantized.views()
-        value_bytes = sum(array.nbytes for array in _value_arrays(views).values())
+        value_bytes = sum(array.nbytes for array in self._values.arrays(views).values())
         key_bytes = sum(array.nbytes for array in views.values()) - value_bytes + self._keys.nbytes
         for buffer in (self._sinks, self._recent):
             full = buffer.views()
@@ -687,10 +695,9 @@ class MultiHeadKVCache:
 
     def head(self, index):
         """The :class:`QuantizedKVCache` of KV head ``index`` (IndexError when out of range)."""
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise InvalidParameterError(f"head index must be an integer, got {index!r}")
+        index = check_int(index, "head index")
         if not 0 <= index < self.num_heads:
-            raise IndexError(f"head {index} is out of range for {self.num_heads} heads")
+            raise IndexOutOfRangeError(f"head {index} is out of range for {self.num_heads} heads")
         return self._heads[index]
 
     @property
@@ -700,12 +707,13 @@ class MultiHeadKVCache:
 
     def _head_blocks(self, array, name):
         if isinstance(array, (list, tuple)):
-            shapes = {np.shape(block) for block in array}
+            array = [as_array(block, name) for block in array]
+            shapes = {block.shape for block in array}
             if len(shapes) > 1:
                 raise LengthMismatchError(
                     f"{name} has per-head blocks of different shapes {sorted(shapes)}; "
                     f"every head needs the same (n, {self.head_dim})")
-        arr = np.asarray(array)
+        arr = as_array(array, name)
         if arr.ndim != 3:
             raise ShapeError(f"{name} has shape {arr.shape}; expected ({self.num_heads}, n, {self.head_dim})")
         if arr.shape[0] != self.num_heads:
@@ -730,14 +738,14 @@ class MultiHeadKVCache:
 
     def push_token_all(self, keys, values, *, n_threads=None):
         """Append one token to every head: ``(num_heads, head_dim)`` keys and values."""
-        keys, values = np.asarray(keys), np.asarray(values)
+        keys, values = as_array(keys, "keys"), as_array(values, "values")
         if keys.ndim != 2 or values.ndim != 2:
             raise ShapeError(
                 f"keys and values must be ({self.num_heads}, {self.head_dim}); got {keys.shape} and {values.shape}")
         self.append_all(keys[:, None, :], values[:, None, :], n_threads=n_threads)
 
     def _grouped_queries(self, queries):
-        arr = np.asarray(queries)
+        arr = as_array(queries, "queries")
         if arr.ndim not in (2, 3) or arr.shape[0] != self.num_query_heads:
             raise ShapeError(
                 f"queries has shape {arr.shape}; expected ({self.num_query_heads}, {self.head_dim}) "
@@ -789,35 +797,35 @@ class MultiHeadKVCache:
         small = [head._small_codes(block) for head, block in zip(self._heads, blocks)]
         if any(item is None for item in small):
             return None
-        keys, values = zip(*small)                 # (quantizer, codes) of every head
-        key_quantizer, value_quantizer = keys[0][0], values[0][0]
-
-        def addresses(arrays):
-            """The heads' arrays as a uintp address array (None when they are None)."""
-            return None if arrays[0] is None else np.array([a.ctypes.data for a in arrays], dtype=np.uintp)
-
-        rows = blocks[0].shape[0]
-        key_rotations = [quantizer.small_rotation(rows) for quantizer, _ in keys]
-        value_rotations = [quantizer.small_rotation(rows, inverse=True) for quantizer, _ in values]
-        if key_rotations[0] is None:
-            blocks = [quantizer.rotate(block, n_threads) for (quantizer, _), block in zip(keys, blocks)]
+        rows, n = blocks[0].shape[0], self.num_tokens
+        # Every head's (indices, bits, centroids, norms), checked; the codecs of
+        # all heads differ only in their seeds, so bits and centroids are shared.
+        keys = [codec.attention_operands(arrays["indices"], arrays["norms"], n) for (codec, arrays), _ in small]
+        values = [codec.attention_operands(arrays["indices"], arrays["norms"], n) for _, (codec, arrays) in small]
+        key_codecs = [codec for (codec, _), _ in small]
+        value_codecs = [codec for _, (codec, _) in small]
+        key_rotations = _head_rotations([codec.small_rotation(rows) for codec in key_codecs])
+        value_rotations = _head_rotations([codec.small_rotation(rows, inverse=True) for codec in value_codecs])
+        if key_rotations is None:
+            blocks = [codec.rotate(block, n_threads) for codec, block in zip(key_codecs, blocks)]
+        queries = np.stack([check_block(block, "queries", width=self.head_dim, rows=rows, dtypes=(F32,))
+                            for block in blocks])
         out = np.empty((len(blocks), rows, self.head_dim), dtype=np.float32)
-        key_codes, value_codes = [c for _, c in keys], [c for _, c in values]
         _core.small_code_attention_heads(
-            addresses([c.indices for c in key_codes]), addresses([c.norms for c in key_codes]),
-            key_codes[0].indices.shape[1], key_quantizer.bits, key_quantizer.codebook.centroids,
-            addresses([c.indices for c in value_codes]), addresses([c.norms for c in value_codes]),
-            value_codes[0].indices.shape[1], value_quantizer.bits, value_quantizer.codebook.centroids,
-            self.num_tokens, np.stack(blocks), addresses(key_rotations), addresses(value_rotations),
-            scale, out, n_threads)
-        if value_rotations[0] is None:
-            out = np.stack([quantizer.unrotate(head_out, n_threads) for (quantizer, _), head_out in zip(values, out)])
+            _addresses([k[0] for k in keys]), _addresses([k[3] for k in keys]),
+            key_codecs[0].row_bytes, keys[0][1], keys[0][2],
+            _addresses([v[0] for v in values]), _addresses([v[3] for v in values]),
+            value_codecs[0].row_bytes, values[0][1], values[0][2],
+            n, queries, key_rotations, value_rotations, scale, out, n_threads)
+        if value_rotations is None:
+            out = np.stack([codec.unrotate(head_out, n_threads) for codec, head_out in zip(value_codecs, out)])
         outputs = out.reshape(self.num_query_heads, m, self.head_dim)
         return outputs[:, 0, :] if was_2d else outputs
 
     def concat_outputs(self, outputs):
         """Concatenate per-query-head outputs: ``(H, dim)`` -> ``(H*dim,)``, ``(H, m, dim)`` -> ``(m, H*dim)``."""
-        arr = np.asarray(outputs)
+        arr = as_array(outputs, "outputs")
+        check_real_dtype(arr, "outputs")
         heads = self.num_query_heads
         if arr.ndim not in (2, 3) or arr.shape[0] != heads or arr.shape[-1] != self.head_dim:
             raise LengthMismatchError(
@@ -853,6 +861,20 @@ class MultiHeadKVCache:
         c = self.config
         return (f"MultiHeadKVCache(kv_heads={c.num_heads}, query_heads={c.num_query_heads}, "
                 f"head_dim={self.head_dim}, tokens={self.num_tokens}, head={self._heads[0]!r})")
+
+
+def _addresses(arrays):
+    """The heads' (checked, C-contiguous) arrays as a uintp address array."""
+    return np.array([a.ctypes.data for a in arrays], dtype=np.uintp)
+
+
+def _head_rotations(operands):
+    """Addresses of every head's small rotation operand, or None when no head has one."""
+    if all(operand is None for operand in operands):
+        return None
+    if any(operand is None for operand in operands):
+        raise IncompatibleCodesError("heads must all rotate their queries inside the kernel, or none")
+    return _addresses(operands)
 
 
 def _replace_seed(config, seed):

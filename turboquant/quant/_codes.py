@@ -11,8 +11,14 @@ import operator
 
 import numpy as np
 
-from .._errors import CorruptPayloadError, IncompatibleCodesError, InvalidParameterError
-from .._validation import readonly
+from .._errors import CorruptPayloadError, IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError
+from .._validation import check_choice, check_int, readonly
+from ._rotation import ROTATIONS, SKETCHES
+
+#: ``kind: (lowest bits, highest bits, rotations, sketches)`` of valid specs.
+SPEC_RULES = {"mse": (1, 8, ROTATIONS, ("",)),
+              "prod": (2, 8, ROTATIONS, SKETCHES),
+              "qjl": (1, 1, ("",), SKETCHES)}
 
 
 def packed_row_bytes(dim, bits):
@@ -47,13 +53,31 @@ class CodeSpec:
     rotation: str = ""
     sketch: str = ""
 
+    def __post_init__(self):
+        kind = check_choice(self.kind, "kind", tuple(SPEC_RULES))
+        low, high, rotations, sketches = SPEC_RULES[kind]
+        object.__setattr__(self, "dim", check_int(self.dim, "dim", low=2))
+        object.__setattr__(self, "bits", check_int(self.bits, f"bits ({kind} codes)", low=low, high=high))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", low=0))
+        check_choice(self.rotation, f"rotation ({kind} codes)", rotations)
+        check_choice(self.sketch, f"sketch ({kind} codes)", sketches)
+
     def to_dict(self):
         """The spec as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data):
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        InvalidParameterError
+            If ``data`` is not a dict of the spec's fields, or a field is invalid.
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not set(data) <= names or not {"kind", "dim", "bits", "seed"} <= set(data):
+            raise InvalidParameterError(f"a CodeSpec dict needs the fields {sorted(names)}, got {data!r}")
         return cls(**data)
 
     def row_layout(self):
@@ -69,7 +93,7 @@ class CodeSpec:
                     "residual_norms": (np.float32, None)}
         if self.kind == "qjl":
             return {"signs": (np.uint8, sign_bytes), "norms": (np.float32, None)}
-        raise InvalidParameterError(f"unknown codes kind {self.kind!r}")
+        raise InvalidParameterError(f"unknown codes kind {self.kind!r}")  # pragma: no cover (checked at construction)
 
 
 class Codes:
@@ -116,6 +140,8 @@ class Codes:
         """
         if isinstance(spec, dict):
             spec = CodeSpec.from_dict(spec)
+        if not isinstance(spec, CodeSpec):
+            raise CorruptPayloadError(f"spec must be a CodeSpec or its dict, got {type(spec).__name__}")
         if spec.kind != cls.kind:
             raise CorruptPayloadError(f"spec is of kind {spec.kind!r}; {cls.__name__} needs {cls.kind!r}")
         layout = spec.row_layout()
@@ -125,7 +151,10 @@ class Codes:
         checked = {}
         n_rows = None
         for name, (dtype, width) in layout.items():
-            array = np.asarray(arrays[name])
+            try:
+                array = np.asarray(arrays[name])
+            except (TypeError, ValueError):
+                raise CorruptPayloadError(f"{name} is not an array") from None
             if array.dtype != np.dtype(dtype):
                 raise CorruptPayloadError(f"{name} has dtype {array.dtype}; expected {np.dtype(dtype)}")
             expected_ndim = 1 if width is None else 2
@@ -155,19 +184,27 @@ class Codes:
 
         An integer gives a batch of one row; a slice gives read-only views.
         """
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        n = len(self)
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             index = operator.index(key)
-            n = len(self)
             if not -n <= index < n:
-                raise IndexError(f"index {index} is out of range for {n} codes")
+                raise IndexOutOfRangeError(f"index {index} is out of range for {n} codes")
             index %= n
             key = slice(index, index + 1)
         elif not isinstance(key, slice):
-            key = np.asarray(key)
-            if key.size == 0:
+            try:
+                key = np.asarray(key)
+            except (TypeError, ValueError):
+                key = None
+            if key is not None and key.size == 0 and key.dtype != bool:
                 key = key.astype(np.intp)
-            if key.ndim != 1 or (key.dtype != bool and key.dtype.kind not in "iu"):
-                raise IndexError("codes can be indexed by an int, a slice, or a 1-d integer or boolean array")
+            if key is None or key.ndim != 1 or (key.dtype != bool and key.dtype.kind not in "iu"):
+                raise IndexOutOfRangeError(
+                    "codes can be indexed by an int, a slice, or a 1-d integer or boolean array")
+            if key.dtype == bool and key.shape[0] != n:
+                raise IndexOutOfRangeError(f"a boolean index of {key.shape[0]} entries for {n} codes")
+            if key.dtype != bool and key.size and not (-n <= key.min() and key.max() < n):
+                raise IndexOutOfRangeError(f"an index array with entries out of range for {n} codes")
         return type(self)(self.spec, {name: array[key] for name, array in self._arrays.items()})
 
     def drop_oldest(self, count):
@@ -178,9 +215,7 @@ class Codes:
         InvalidParameterError
             If ``count`` is negative or larger than ``len(self)``.
         """
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= len(self):
-            raise InvalidParameterError(f"count must be an integer in 0..{len(self)}, got {count!r}")
-        return self[int(count):]
+        return self[check_int(count, "count", low=0, high=len(self)):]
 
     @classmethod
     def concatenate(cls, batches):
@@ -193,11 +228,21 @@ class Codes:
         InvalidParameterError
             If ``batches`` is empty.
         """
-        batches = list(batches)
+        try:
+            batches = list(batches)
+        except TypeError:
+            raise InvalidParameterError(f"concatenate needs an iterable of codes, got {batches!r}") from None
         if not batches:
             raise InvalidParameterError("concatenate needs at least one batch of codes")
+        for batch in batches:
+            if not isinstance(batch, cls):
+                raise IncompatibleCodesError(
+                    f"cannot concatenate {type(batch).__name__} with {cls.__name__}.concatenate")
         first = batches[0]
         for other in batches[1:]:
+            if type(other) is not type(first):
+                raise IncompatibleCodesError(
+                    f"cannot concatenate {type(other).__name__} with {type(first).__name__}")
             first.check_compatible(other.spec, "concatenate")
         return type(first)(first.spec, {
             name: np.concatenate([b._arrays[name] for b in batches]) for name in first._arrays})

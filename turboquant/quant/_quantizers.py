@@ -1,52 +1,19 @@
 """The TurboQuant quantizers: :class:`TurboQuantMSE`, :class:`TurboQuantProd` and :class:`QJL`.
 
 Python holds parameters, validation and allocation; every loop over vectors
-runs in :mod:`turboquant._core` (rotation by numpy's BLAS for ``"dense"``).
+runs in :mod:`turboquant._core`, reached only through the checked codecs of
+:mod:`turboquant.quant._codec` (rotation by numpy's BLAS for ``"dense"``).
 """
 
 import math
 
 import numpy as np
 
-from .._kernels import _core
-from ._codebook import float32_codebook
-from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
-from .._errors import InvalidParameterError, NonFiniteError
-from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
+from .._errors import InvalidParameterError
 from .._threads import resolve_n_threads
-from .._validation import FLOAT32_MAX, FLOAT_DTYPES, as_rows, check_all_finite, check_choice, check_int
-
-#: Rows per block of the dense rotation in ``encode``: about this many bytes of rotated rows.
-ROTATED_BLOCK_BYTES = 1 << 23
-
-SIGN_CENTROIDS = np.array([-1.0, 1.0])
-SIGN_BOUNDARIES = np.array([0.0])
-
-for _array in (SIGN_CENTROIDS, SIGN_BOUNDARIES):
-    _array.setflags(write=False)
-
-
-def qjl_scale(dim, sketch):
-    """Constant ``gamma`` of the QJL estimator ``<q, r> ~ ||r|| gamma <S q, sign(S r)>``.
-
-    For the Gaussian sketch (rows of squared norm ~ dim) ``E[sign(<s, r>) <s, q>] =
-    sqrt(2/pi) <q, r>/||r||`` exactly, so ``gamma = sqrt(pi/2) / dim``. For the
-    orthogonal Hadamard sketch (unit rows) the matching expectation for a uniformly
-    random unit row is ``c_d <q, r>/||r||`` with ``c_d = E|s_1| =
-    Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))``, so ``gamma = 1 / (dim c_d)``, which
-    is ``sqrt(pi/2)/sqrt(dim) * (1 + O(1/dim))``.
-    """
-    if sketch == "gaussian":
-        return math.sqrt(math.pi / 2.0) / dim
-    c_d = math.exp(math.lgamma(dim / 2.0) - math.lgamma((dim + 1) / 2.0)) / math.sqrt(math.pi)
-    return 1.0 / (dim * c_d)
-
-
-def _check_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise InvalidParameterError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
+from .._validation import as_rows, check_float_dtype
+from ._codec import MSECodec, ProdCodec, QJLCodec
+from ._codes import MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 
 
 class _Quantizer:
@@ -54,36 +21,27 @@ class _Quantizer:
 
     codes_type = None
 
-    def __init__(self, dim, seed):
-        self.dim = check_int(dim, "dim", low=2)
-        self.seed = check_int(seed, "seed", low=0)
+    @classmethod
+    def _of(cls, codec):
+        """The quantizer of an existing codec of the matching kind (the MSE stage of
+        Prod codes, the KV cache's codecs)."""
+        quantizer = cls.__new__(cls)
+        quantizer._adopt(codec)
+        return quantizer
 
-    def _norms(self, rows, n_threads):
-        norms = np.empty(rows.shape[0])
-        _core.row_norms(rows, norms, n_threads)
-        self._check_norms(norms, rows)
-        return norms
-
-    @staticmethod
-    def _check_norms(norms, rows):
-        """Refuse rows with NaN or infinity (their norm is not finite) and norms
-        beyond float32."""
-        if norms.size and not norms.max() <= FLOAT32_MAX:
-            check_all_finite(rows, "x")
-            raise NonFiniteError("a vector's norm exceeds the float32 range and cannot be stored")
+    def _adopt(self, codec):
+        """Take the parameters of a checked codec (constructors build one)."""
+        self._codec = codec
+        self.spec = codec.spec
+        self.dim = codec.spec.dim
+        self.seed = codec.spec.seed
 
     def _check_codes(self, codes):
         if not isinstance(codes, self.codes_type):
             raise InvalidParameterError(
                 f"expected {self.codes_type.__name__}, got {type(codes).__name__}")
         codes.check_compatible(self.spec, "read")
-
-    def _queries(self, queries):
-        return as_rows(queries, self.dim, "queries")
-
-    @staticmethod
-    def _scores_shape(out, was_1d):
-        return out[0] if was_1d else out
+        return codes._arrays
 
     def quantize(self, x, *, n_threads=None):
         """Quantize a vector or a batch of vectors.
@@ -107,7 +65,7 @@ class _Quantizer:
         ShapeError, DTypeError, NonFiniteError
         """
         rows, _ = as_rows(x, self.dim, "x", check_finite=False)   # the norms check it
-        return self._quantize_rows(rows, resolve_n_threads(n_threads))
+        return self.codes_type(self.spec, self._codec.quantize(rows, resolve_n_threads(n_threads), "x"))
 
     def dequantize(self, codes, *, dtype=np.float64, n_threads=None):
         """Reconstruct vectors from codes.
@@ -123,8 +81,8 @@ class _Quantizer:
         -------
         ndarray, shape (n, dim), C-contiguous
         """
-        self._check_codes(codes)
-        return self._dequantize(codes, _check_dtype(dtype), resolve_n_threads(n_threads))
+        arrays = self._check_codes(codes)
+        return self._codec.dequantize(arrays, check_float_dtype(dtype), resolve_n_threads(n_threads))
 
     def inner_products(self, codes, queries, *, n_threads=None):
         """Estimate ``<query, x>`` for every query and every coded vector, without dequantizing.
@@ -141,11 +99,11 @@ class _Quantizer:
         ndarray, shape (m, n), or (n,) for a 1-d query
             In the queries' float dtype (float64 for other real dtypes).
         """
-        self._check_codes(codes)
-        rows, was_1d = self._queries(queries)
-        out = np.empty((rows.shape[0], len(codes)), dtype=rows.dtype)
-        self._inner_products(codes, rows, out, resolve_n_threads(n_threads))
-        return self._scores_shape(out, was_1d)
+        arrays = self._check_codes(codes)
+        rows, was_1d = as_rows(queries, self.dim, "queries")
+        n_threads = resolve_n_threads(n_threads)
+        out = self._codec.inner_products(arrays, rows, n_threads)
+        return out[0] if was_1d else out
 
 
 class TurboQuantMSE(_Quantizer):
@@ -182,12 +140,13 @@ class TurboQuantMSE(_Quantizer):
     codes_type = MSECodes
 
     def __init__(self, dim, bits, *, seed=0, rotation="dense"):
-        super().__init__(dim, seed)
-        self.bits = check_int(bits, "bits", low=1, high=8)
-        self.rotation = check_choice(rotation, "rotation", ROTATIONS)
-        self.codebook = float32_codebook(self.dim, self.bits)
-        self._rotation = make_rotation(self.rotation, self.dim, self.seed)
-        self.spec = CodeSpec("mse", self.dim, self.bits, self.seed, self.rotation)
+        self._adopt(MSECodec(dim, bits, seed, rotation))
+
+    def _adopt(self, codec):
+        super()._adopt(codec)
+        self.bits = codec.bits
+        self.rotation = codec.spec.rotation
+        self.codebook = codec.codebook
 
     @property
     def expected_distortion(self):
@@ -202,73 +161,6 @@ class TurboQuantMSE(_Quantizer):
     def __repr__(self):
         return (f"TurboQuantMSE(dim={self.dim}, bits={self.bits}, seed={self.seed}, "
                 f"rotation={self.rotation!r})")
-
-    # -- kernels plumbing, shared with TurboQuantProd and the KV cache ---------
-    def rotate(self, rows, n_threads):
-        """Rotate C-contiguous float rows into the codes' domain (``Pi x``)."""
-        return self._rotation.apply(rows, n_threads)
-
-    def unrotate(self, rows, n_threads):
-        """Map rotated-domain rows back (``Pi^T y``)."""
-        return self._rotation.inverse(rows, n_threads)
-
-    def small_rotation(self, rows, *, inverse=False):
-        """The float32 (dim, dim) ``B`` with ``x @ B`` what :meth:`rotate` (or
-        :meth:`unrotate` when ``inverse``) computes for ``rows`` float32 rows, when
-        that is a small dense product a kernel can run itself; else None."""
-        return self._rotation.small_operand(rows, np.dtype(np.float32), inverse)
-
-    def encode(self, rows, n_threads, want_residual=False):
-        """Packed indices, float64 norms and (optionally) the rotated unit-domain residual."""
-        n = rows.shape[0]
-        indices = np.empty((n, packed_row_bytes(self.dim, self.bits)), dtype=np.uint8)
-        residual = np.empty((n, self.dim) if want_residual else (0, 0), dtype=rows.dtype)
-        book = self.codebook
-        if self.rotation == "hadamard":
-            # One fused pass: norms, rotation and packing.
-            norms = np.empty(n)
-            if n:
-                _core.hadamard_quantize_pack(rows, self._rotation.signs, self._rotation.block,
-                                             book.boundaries, book.centroids, self.bits, norms,
-                                             indices, residual, want_residual, n_threads)
-            self._check_norms(norms, rows)
-            return indices, norms, residual
-        operand = self._rotation.small_operand(n, rows.dtype, False)
-        if operand is not None:
-            # A few rows (a decode step's token): norms, the small product and the
-            # packing in one call, with the bits of the three steps below.
-            norms = np.empty(n)
-            if n:
-                _core.small_dense_quantize_pack(rows, operand, book.boundaries, book.centroids,
-                                                self.bits, norms, indices, residual, want_residual)
-            self._check_norms(norms, rows)
-            return indices, norms, residual
-        norms = self._norms(rows, n_threads)
-        # Rotate and quantize in blocks of rows whose rotated copy fits in the
-        # cache: the quantizer reads it back while it is still there, and no
-        # (n, dim) rotated array is ever held.
-        block = max(1, ROTATED_BLOCK_BYTES // (self.dim * rows.itemsize))
-        for start in range(0, n, block):
-            stop = min(n, start + block)
-            _core.quantize_pack(self.rotate(rows[start:stop], n_threads), norms[start:stop],
-                                book.boundaries, book.centroids, self.bits, indices[start:stop],
-                                residual[start:stop] if want_residual else residual, want_residual,
-                                n_threads)
-        return indices, norms, residual
-
-    def decode_rotated(self, indices, scales, dtype, n_threads):
-        """Rotated-domain reconstruction ``scales[i] * centroids[index]``."""
-        out = np.empty((indices.shape[0], self.dim), dtype=dtype)
-        if out.shape[0]:
-            _core.dequantize_rows(indices, self.bits, self.codebook.centroids,
-                                  np.asarray(scales, dtype=np.float64), out, n_threads)
-        return out
-
-    def score_rotated(self, indices, scales, rotated_queries, out, accumulate, n_threads):
-        """``out[q, i] (+)= scales[i] <rotated_queries[q], centroids[indices[i]]>``."""
-        if out.size:
-            _core.lut_inner_products(indices, self.bits, self.codebook.centroids, rotated_queries,
-                                     np.asarray(scales, dtype=np.float64), out, accumulate, n_threads)
 
     def weighted_sum(self, codes, weights, *, n_threads=None):
         """Weighted sums of the reconstructed vectors, without reconstructing them.
@@ -291,65 +183,10 @@ class TurboQuantMSE(_Quantizer):
         ndarray, shape (dim,) or (m, dim), float64
             Identical for every thread count.
         """
-        self._check_codes(codes)
+        arrays = self._check_codes(codes)
         rows, was_1d = as_rows(weights, len(codes), "weights", dtype=np.float64)
-        out = self.weighted_sum_rows(codes.indices, codes.norms, rows, resolve_n_threads(n_threads))
+        out = self._codec.weighted_sum(arrays["indices"], arrays["norms"], rows, resolve_n_threads(n_threads))
         return out[0] if was_1d else out
-
-    def weighted_sum_rows(self, indices, scales, weights, n_threads):
-        """``sum_i weights[q, i] * scales[i] * Pi^T centroids[indices[i]]`` for every row of
-        the float64 C-contiguous ``weights``."""
-        rotated = np.empty((weights.shape[0], self.dim))
-        _core.lut_weighted_sum(indices, self.bits, self.codebook.centroids, weights,
-                               np.asarray(scales, dtype=np.float64), rotated, n_threads)
-        return self.unrotate(rotated, n_threads)
-
-    # -- public operations ------------------------------------------------------
-    def _quantize_rows(self, rows, n_threads):
-        indices, norms, _ = self.encode(rows, n_threads)
-        return MSECodes(self.spec, {"indices": indices, "norms": norms.astype(np.float32)})
-
-    def _dequantize(self, codes, dtype, n_threads):
-        rotated = self.decode_rotated(codes.indices, codes.norms, dtype, n_threads)
-        return self.unrotate(rotated, n_threads)
-
-    def _inner_products(self, codes, rows, out, n_threads):
-        rotated = self.rotate(rows, n_threads)
-        self.score_rotated(codes.indices, codes.norms, rotated, out, False, n_threads)
-
-
-class _SignSketch:
-    """Packed signs of ``S r`` and their inner products (shared by QJL and Prod)."""
-
-    def __init__(self, dim, seed, sketch):
-        self.kind = check_choice(sketch, "sketch", SKETCHES)
-        self.dim = dim
-        self.transform = make_sketch(self.kind, dim, seed)
-        self.scale = qjl_scale(dim, self.kind)
-
-    def signs(self, rows, n_threads):
-        """(n, ceil(dim/8)) packed signs of ``S rows`` (bit set where the value is > 0)."""
-        sketched = self.transform.apply(rows, n_threads)
-        n = rows.shape[0]
-        packed = np.empty((n, packed_row_bytes(self.dim, 1)), dtype=np.uint8)
-        if n:
-            _core.quantize_pack(sketched, np.ones(n), SIGN_BOUNDARIES, SIGN_CENTROIDS, 1,
-                                packed, np.empty((0, 0), dtype=rows.dtype), False, n_threads)
-        return packed
-
-    def reconstruct(self, signs, weights, dtype, n_threads):
-        """``weights[i] * S^T sign_i`` for every row."""
-        out = np.empty((signs.shape[0], self.dim), dtype=dtype)
-        if out.shape[0]:
-            _core.dequantize_rows(signs, 1, SIGN_CENTROIDS, weights, out, n_threads)
-        return self.transform.apply_transpose(out, n_threads)
-
-    def score(self, signs, weights, queries, out, accumulate, n_threads):
-        """``out[q, i] (+)= weights[i] <S queries[q], sign_i>``."""
-        if out.size:
-            sketched = self.transform.apply(queries, n_threads)
-            _core.lut_inner_products(signs, 1, SIGN_CENTROIDS, sketched, weights, out,
-                                     accumulate, n_threads)
 
 
 class TurboQuantProd(_Quantizer):
@@ -384,14 +221,15 @@ class TurboQuantProd(_Quantizer):
     codes_type = ProdCodes
 
     def __init__(self, dim, bits, *, seed=0, rotation="dense", sketch="gaussian"):
-        super().__init__(dim, seed)
-        self.bits = check_int(bits, "bits", low=2, high=8)
-        self.mse = TurboQuantMSE(self.dim, self.bits - 1, seed=self.seed, rotation=rotation)
-        self.rotation = self.mse.rotation
-        self._sketch = _SignSketch(self.dim, self.seed, sketch)
-        self.sketch = self._sketch.kind
-        self.qjl_scale = self._sketch.scale
-        self.spec = CodeSpec("prod", self.dim, self.bits, self.seed, self.rotation, self.sketch)
+        self._adopt(ProdCodec(dim, bits, seed, rotation, sketch))
+
+    def _adopt(self, codec):
+        super()._adopt(codec)
+        self.bits = codec.spec.bits
+        self.mse = TurboQuantMSE._of(codec.mse)
+        self.rotation = codec.spec.rotation
+        self.sketch = codec.spec.sketch
+        self.qjl_scale = codec.sketch.scale
 
     @property
     def code_bytes(self):
@@ -416,28 +254,6 @@ class TurboQuantProd(_Quantizer):
     def __repr__(self):
         return (f"TurboQuantProd(dim={self.dim}, bits={self.bits}, seed={self.seed}, "
                 f"rotation={self.rotation!r}, sketch={self.sketch!r})")
-
-    def _quantize_rows(self, rows, n_threads):
-        indices, norms, residual = self.mse.encode(rows, n_threads, want_residual=True)
-        residual_norms = np.empty(rows.shape[0])
-        _core.row_norms(residual, residual_norms, n_threads)
-        signs = self._sketch.signs(residual, n_threads)
-        return ProdCodes(self.spec, {"indices": indices, "signs": signs,
-                                     "norms": norms.astype(np.float32),
-                                     "residual_norms": residual_norms.astype(np.float32)})
-
-    def _qjl_weights(self, codes):
-        return codes.norms.astype(np.float64) * codes.residual_norms * self.qjl_scale
-
-    def _dequantize(self, codes, dtype, n_threads):
-        rotated = self.mse.decode_rotated(codes.indices, codes.norms, dtype, n_threads)
-        rotated += self._sketch.reconstruct(codes.signs, self._qjl_weights(codes), dtype, n_threads)
-        return self.mse.unrotate(rotated, n_threads)
-
-    def _inner_products(self, codes, rows, out, n_threads):
-        rotated = self.mse.rotate(rows, n_threads)
-        self.mse.score_rotated(codes.indices, codes.norms, rotated, out, False, n_threads)
-        self._sketch.score(codes.signs, self._qjl_weights(codes), rotated, out, True, n_threads)
 
 
 class QJL(_Quantizer):
@@ -466,11 +282,12 @@ class QJL(_Quantizer):
     bits = 1
 
     def __init__(self, dim, *, seed=0, sketch="gaussian"):
-        super().__init__(dim, seed)
-        self._sketch = _SignSketch(self.dim, self.seed, sketch)
-        self.sketch = self._sketch.kind
-        self.scale = self._sketch.scale
-        self.spec = CodeSpec("qjl", self.dim, 1, self.seed, "", self.sketch)
+        self._adopt(QJLCodec(dim, seed, sketch))
+
+    def _adopt(self, codec):
+        super()._adopt(codec)
+        self.sketch = codec.spec.sketch
+        self.scale = codec.sketch.scale
 
     @property
     def code_bytes(self):
@@ -479,17 +296,3 @@ class QJL(_Quantizer):
 
     def __repr__(self):
         return f"QJL(dim={self.dim}, seed={self.seed}, sketch={self.sketch!r})"
-
-    def _quantize_rows(self, rows, n_threads):
-        norms = self._norms(rows, n_threads)
-        return QJLCodes(self.spec, {"signs": self._sketch.signs(rows, n_threads),
-                                    "norms": norms.astype(np.float32)})
-
-    def _weights(self, codes):
-        return codes.norms.astype(np.float64) * self.scale
-
-    def _dequantize(self, codes, dtype, n_threads):
-        return self._sketch.reconstruct(codes.signs, self._weights(codes), dtype, n_threads)
-
-    def _inner_products(self, codes, rows, out, n_threads):
-        self._sketch.score(codes.signs, self._weights(codes), rows, out, False, n_threads)
