@@ -151,8 +151,13 @@ def qjl_scale(dim, sketch):
     """
     if sketch == "gaussian":
         return math.sqrt(math.pi / 2.0) / dim
-    c_d = math.exp(math.lgamma(dim / 2.0) - math.lgamma((dim + 1) / 2.0)) / math.sqrt(math.pi)
-    return 1.0 / (dim * c_d)
+    # 1/c_d from c_2 = 2/pi, c_3 = 1/2 and c_(k+2) = c_k k/(k+1): only + * / of
+    # exact operands, so the constant is the same bits on every machine (libm's
+    # lgamma and exp are not).
+    inverse_c = math.pi / 2.0 if dim % 2 == 0 else 2.0
+    for k in range(2 + dim % 2, dim, 2):
+        inverse_c = inverse_c * (k + 1) / k
+    return inverse_c / dim
 
 
 def _decode_rows(packed, name, row_bytes, bits, centroids, scales, dim, dtype, n_threads):
