@@ -15,6 +15,7 @@ softmax-weighted value centroids in the rotated domain and rotate back once
 per query.
 """
 
+import copy
 import dataclasses
 import math
 
@@ -61,6 +62,9 @@ class _DerivedViews:
 
     def __init__(self):
         self.source = self.value = None
+
+    def __deepcopy__(self, memo):
+        return _DerivedViews()
 
     def get(self, views, derive):
         if views is not self.source:
@@ -231,6 +235,33 @@ class _PendingAppend:
 def _prefixed(prefix, arrays):
     """A codec's arrays named as stored beside the others."""
     return {prefix + name: array for name, array in arrays.items()}
+
+
+def _rows_in(views):
+    return next(iter(views.values())).shape[0]
+
+
+def _skip_rows(views, count):
+    """``views`` without its first ``count`` rows (the same dict when ``count`` is 0)."""
+    return views if not count else {name: array[count:] for name, array in views.items()}
+
+
+class _Regions:
+    """The three regions' views over the held tokens from ``start`` on."""
+
+    __slots__ = ("sinks", "quantized", "recent", "n_sinks", "n_quantized", "n_recent")
+
+    def __init__(self, cache, start):
+        n_sinks, n_quantized = len(cache._sinks), len(cache._quantized)
+        self.sinks = _skip_rows(cache._sinks.views(), min(start, n_sinks))
+        self.quantized = _skip_rows(cache._quantized.views(), min(max(start - n_sinks, 0), n_quantized))
+        self.recent = _skip_rows(cache._recent.views(), max(start - n_sinks - n_quantized, 0))
+        self.n_sinks, self.n_quantized, self.n_recent = (
+            _rows_in(self.sinks), _rows_in(self.quantized), _rows_in(self.recent))
+
+    @property
+    def num_tokens(self):
+        return self.n_sinks + self.n_quantized + self.n_recent
 
 
 def _softmax(logits):
@@ -457,62 +488,102 @@ class QuantizedKVCache:
             buffer.clear()
         self._keys.reset()
 
+    def truncate(self, num_tokens):
+        """Keep only the ``num_tokens`` oldest held tokens; drop the newer ones.
+
+        Undoes appends (speculative or assisted decoding reject drafted tokens
+        this way). Tokens already evicted by the sliding window do not come
+        back, and the recent window may hold fewer than ``residual_tokens``
+        tokens until later appends refill it. Truncating to 0 is :meth:`clear`.
+
+        Parameters
+        ----------
+        num_tokens : int
+            ``0 <= num_tokens <= self.num_tokens``.
+
+        Raises
+        ------
+        InvalidParameterError
+            When ``num_tokens`` is not an int in that range; the cache is then unchanged.
+        """
+        keep = check_int(num_tokens, "num_tokens", low=0, high=self.num_tokens)
+        if keep == 0:
+            self.clear()
+            return
+        drop = self.num_tokens - keep
+        for buffer in (self._recent, self._quantized, self._sinks):
+            count = min(drop, len(buffer))
+            buffer.drop_back(count)
+            drop -= count
+
+    def copy(self):
+        """An independent copy (the immutable quantizers are shared)."""
+        return copy.deepcopy(self)
+
     # -- reading -------------------------------------------------------------------
     def _queries(self, query):
         return as_rows(query, self.config.dim, "query")
 
-    def _scores(self, queries, n_threads):
-        """(m, num_tokens) raw scores in the queries' dtype, in token order."""
+    def _regions(self, start):
+        """:class:`_Regions` from held token ``start`` on (checked)."""
+        return _Regions(self, check_int(start, "start", low=0, high=self.num_tokens))
+
+    def _scores(self, queries, n_threads, regions):
+        """(m, regions.num_tokens) raw scores in the queries' dtype, in token order."""
         parts = []
-        sinks, recent = self._sinks.views(), self._recent.views()
-        if len(self._sinks):
-            parts.append(queries @ sinks["k"].T.astype(queries.dtype))
-        if len(self._quantized):
-            parts.append(self._keys.scores(self._quantized.views(), queries, n_threads))
-        if len(self._recent):
-            parts.append(queries @ recent["k"].T.astype(queries.dtype))
+        if regions.n_sinks:
+            parts.append(queries @ regions.sinks["k"].T.astype(queries.dtype))
+        if regions.n_quantized:
+            parts.append(self._keys.scores(regions.quantized, queries, n_threads))
+        if regions.n_recent:
+            parts.append(queries @ regions.recent["k"].T.astype(queries.dtype))
         if len(parts) == 1:
             return parts[0]
         if not parts:
             return np.empty((queries.shape[0], 0), dtype=queries.dtype)
         return np.concatenate(parts, axis=1)
 
-    def attention_scores(self, query, *, n_threads=None):
+    def attention_scores(self, query, *, start=0, n_threads=None):
         """Estimated ``<query, key>`` for every cached token, oldest first.
 
         Parameters
         ----------
         query : array_like, shape (dim,) or (m, dim)
+        start : int, default=0
+            Score only the held tokens ``start .. num_tokens - 1`` (a left-padded
+            row's first real token, say).
         n_threads : int or None, default=None
 
         Returns
         -------
-        ndarray, shape (num_tokens,) or (m, num_tokens)
-            In the query's float dtype; empty when the cache is empty.
+        ndarray, shape (num_tokens - start,) or (m, num_tokens - start)
+            In the query's float dtype; empty when no token is scored.
         """
         queries, was_1d = self._queries(query)
-        scores = self._scores(queries, resolve_n_threads(n_threads))
+        regions = self._regions(start)
+        scores = self._scores(queries, resolve_n_threads(n_threads), regions)
         return scores[0] if was_1d else scores
 
-    def attention_weights(self, query, scale=None, *, n_threads=None):
-        """``softmax(scale * attention_scores(query))`` over the cached tokens.
+    def attention_weights(self, query, scale=None, *, start=0, n_threads=None):
+        """``softmax(scale * attention_scores(query, start=start))``.
 
-        In the query's float dtype, shape (num_tokens,) or (m, num_tokens); the
-        weights of every query sum to 1.
+        In the query's float dtype, shape (num_tokens - start,) or
+        (m, num_tokens - start); the weights of every query sum to 1.
         """
         queries, was_1d = self._queries(query)
-        weights = self._weights(queries, _check_scale(scale, self.dim), resolve_n_threads(n_threads))
+        scale = _check_scale(scale, self.dim)
+        weights = self._weights(queries, scale, resolve_n_threads(n_threads), self._regions(start))
         return weights[0] if was_1d else weights
 
-    def _weights(self, queries, scale, n_threads):
-        """(m, num_tokens) softmax of the scaled scores, in the queries' dtype."""
-        if not self.num_tokens:
+    def _weights(self, queries, scale, n_threads, regions):
+        """(m, regions.num_tokens) softmax of the scaled scores, in the queries' dtype."""
+        if not regions.num_tokens:
             return np.empty((queries.shape[0], 0), dtype=queries.dtype)
-        scores = self._scores(queries, n_threads)
+        scores = self._scores(queries, n_threads, regions)
         scores *= scale
         return _softmax(scores)
 
-    def attention_output(self, query, scale=None, *, n_threads=None):
+    def attention_output(self, query, scale=None, *, start=0, n_threads=None):
         """Attention of the query over the cache: ``softmax(scale * scores) @ values``.
 
         Parameters
@@ -521,61 +592,68 @@ class QuantizedKVCache:
         scale : float or None, default=None
             Multiplies the scores before the softmax; ``None`` means
             ``1/sqrt(dim)`` (PyTorch's ``scaled_dot_product_attention``).
+        start : int, default=0
+            Attend only to the held tokens ``start .. num_tokens - 1``; the
+            older ones are never read (padding, for a left-padded batch row).
         n_threads : int or None, default=None
 
         Returns
         -------
         ndarray, shape (dim,) or (m, dim)
-            In the query's float dtype; zeros when the cache is empty.
+            In the query's float dtype; zeros when no token is attended to.
         """
         queries, was_1d = self._queries(query)
         scale = _check_scale(scale, self.dim)
+        regions = self._regions(start)
         n_threads = resolve_n_threads(n_threads)
-        out = self._fused_output(queries, scale, n_threads)
+        out = self._fused_output(queries, scale, n_threads, regions)
         if out is None:
-            out = self._weighted_values(queries, scale, n_threads)
+            out = self._weighted_values(queries, scale, n_threads, regions)
         out = out.astype(queries.dtype, copy=False)
         return out[0] if was_1d else out
 
-    def _weighted_values(self, queries, scale, n_threads):
+    def _weighted_values(self, queries, scale, n_threads, regions):
         """(m, dim) float64 ``softmax(scale * scores) @ values`` over the three regions."""
-        n_sinks, n_quant, n_recent = len(self._sinks), len(self._quantized), len(self._recent)
+        n_sinks, n_quant, n_recent = regions.n_sinks, regions.n_quantized, regions.n_recent
         if n_sinks + n_quant + n_recent == 0:
             return np.zeros((queries.shape[0], self.dim))
-        weights = self._weights(queries, scale, n_threads)
+        weights = self._weights(queries, scale, n_threads, regions)
         if n_quant:
             block = weights if n_quant == weights.shape[1] else np.ascontiguousarray(
                 weights[:, n_sinks:n_sinks + n_quant])
-            out = self._values.weighted_sum(self._quantized.views(), block, n_threads)
+            out = self._values.weighted_sum(regions.quantized, block, n_threads)
         else:
             out = np.zeros((queries.shape[0], self.dim))
         if n_sinks:
-            out += weights[:, :n_sinks] @ self._sinks.views()["v"]
+            out += weights[:, :n_sinks] @ regions.sinks["v"]
         if n_recent:
-            out += weights[:, n_sinks + n_quant:] @ self._recent.views()["v"]
+            out += weights[:, n_sinks + n_quant:] @ regions.recent["v"]
         return out
 
-    def _small_codes(self, queries):
+    def _small_codes(self, queries, regions=None):
         """``((key quantizer, key codes), (value quantizer, value codes))`` when the
-        fused float32 kernel applies: float32 ``queries`` and every token quantized
-        with MSE codes of at most SMALL_CODE_BITS bits; else None. A key center
-        only shifts every score of a query by the same amount, which the softmax
-        ignores."""
-        if (queries.dtype != np.float32 or len(self._sinks) or len(self._recent)
-                or not len(self._quantized)):
+        fused float32 kernel applies: float32 ``queries`` and every token of
+        ``regions`` (default: every held token) quantized with MSE codes of at
+        most SMALL_CODE_BITS bits;
+        else None. A key center only shifts every score of a query by the same
+        amount, which the softmax ignores."""
+        if regions is None:
+            regions = _Regions(self, 0)
+        if (queries.dtype != np.float32 or regions.n_sinks or regions.n_recent
+                or not regions.n_quantized):
             return None
-        views = self._quantized.views()
-        keys, values = self._keys.small_codes(views), self._values.small_codes(views)
+        keys = self._keys.small_codes(regions.quantized)
+        values = self._values.small_codes(regions.quantized)
         return None if keys is None or values is None else (keys, values)
 
-    def _fused_output(self, queries, scale, n_threads):
+    def _fused_output(self, queries, scale, n_threads, regions):
         """The (m, dim) float32 output of the fused float32 kernel, or None where it
         does not apply."""
-        small = self._small_codes(queries)
+        small = self._small_codes(queries, regions)
         if small is None:
             return None
         (key_codec, key_arrays), (value_codec, value_arrays) = small
-        m, n = queries.shape[0], len(self._quantized)
+        m, n = queries.shape[0], regions.n_quantized
         keys = key_codec.attention_operands(key_arrays["indices"], key_arrays["norms"], n)
         values = value_codec.attention_operands(value_arrays["indices"], value_arrays["norms"], n)
         # Dense rotations of a few queries run inside the kernel (same bits).
@@ -766,18 +844,19 @@ class MultiHeadKVCache:
         out = np.stack([r.reshape(g, m, width) for r in results]).reshape(self.num_query_heads, m, width)
         return out[:, 0, :] if was_2d else out
 
-    def attention_scores_all(self, queries, *, n_threads=None):
-        """Scores of every query head over its KV head's tokens.
+    def attention_scores_all(self, queries, *, start=0, n_threads=None):
+        """Scores of every query head over its KV head's tokens from ``start`` on.
 
         Returns
         -------
-        ndarray, shape (num_query_heads, num_tokens) or (num_query_heads, m, num_tokens)
+        ndarray, shape (num_query_heads, num_tokens - start) or (num_query_heads, m, num_tokens - start)
         """
         n_threads = resolve_n_threads(n_threads)
-        return self._per_head(queries, lambda head, q: head.attention_scores(q, n_threads=n_threads))
+        start = check_int(start, "start", low=0, high=self.num_tokens)
+        return self._per_head(queries, lambda head, q: head.attention_scores(q, start=start, n_threads=n_threads))
 
-    def attention_output_all(self, queries, scale=None, *, n_threads=None):
-        """Attention output of every query head.
+    def attention_output_all(self, queries, scale=None, *, start=0, n_threads=None):
+        """Attention output of every query head over the tokens ``start .. num_tokens - 1``.
 
         Returns
         -------
@@ -785,19 +864,21 @@ class MultiHeadKVCache:
         """
         n_threads = resolve_n_threads(n_threads)
         scale_value = _check_scale(scale, self.head_dim)
-        fused = self._fused_output_all(queries, scale_value, n_threads)
+        start = check_int(start, "start", low=0, high=self.num_tokens)
+        fused = self._fused_output_all(queries, scale_value, n_threads, start)
         if fused is not None:
             return fused
-        return self._per_head(queries, lambda head, q: head.attention_output(q, scale, n_threads=n_threads))
+        return self._per_head(
+            queries, lambda head, q: head.attention_output(q, scale, start=start, n_threads=n_threads))
 
-    def _fused_output_all(self, queries, scale, n_threads):
+    def _fused_output_all(self, queries, scale, n_threads, start):
         """Every head's output from one call of the fused float32 kernel (heads in
         parallel), or None where it does not apply to every head."""
         blocks, g, m, was_2d = self._grouped_queries(queries)
-        small = [head._small_codes(block) for head, block in zip(self._heads, blocks)]
+        small = [head._small_codes(block, _Regions(head, start)) for head, block in zip(self._heads, blocks)]
         if any(item is None for item in small):
             return None
-        rows, n = blocks[0].shape[0], self.num_tokens
+        rows, n = blocks[0].shape[0], self.num_tokens - start
         # Every head's (indices, bits, centroids, norms), checked; the codecs of
         # all heads differ only in their seeds, so bits and centroids are shared.
         keys = [codec.attention_operands(arrays["indices"], arrays["norms"], n) for (codec, arrays), _ in small]
@@ -856,6 +937,17 @@ class MultiHeadKVCache:
         """Remove every token from every head."""
         for head in self._heads:
             head.clear()
+
+    def truncate(self, num_tokens):
+        """Keep only the ``num_tokens`` oldest tokens of every head (see
+        :meth:`QuantizedKVCache.truncate`); checked before any head changes."""
+        keep = check_int(num_tokens, "num_tokens", low=0, high=self.num_tokens)
+        for head in self._heads:
+            head.truncate(keep)
+
+    def copy(self):
+        """An independent copy of every head (the immutable quantizers are shared)."""
+        return copy.deepcopy(self)
 
     def __repr__(self):
         c = self.config

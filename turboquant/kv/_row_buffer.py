@@ -19,7 +19,7 @@ class RowBuffer:
     Notes
     -----
     Rows are only ever written once, into free capacity past the live rows;
-    growth reallocates. Views returned by :meth:`views` therefore keep showing
+    growth reallocates, and so does the first append after :meth:`drop_back`. Views returned by :meth:`views` therefore keep showing
     the rows they showed when taken, whatever is appended or dropped later.
     :meth:`views` returns the same dict until the rows change, so readers may
     cache what they derive from it by its identity.
@@ -35,6 +35,7 @@ class RowBuffer:
         self._start = 0
         self._stop = 0
         self._views = None
+        self._tail_shown = False
 
     def _allocate(self, capacity):
         return {name: np.empty((capacity,) + shape, dtype=dtype)
@@ -52,12 +53,13 @@ class RowBuffer:
         count = next(iter(rows.values())).shape[0]
         if count == 0:
             return
-        if self._stop + count > self.capacity:
+        if self._tail_shown or self._stop + count > self.capacity:
             live = len(self)
             grown = self._allocate(max(16, 2 * (live + count)))
             for name, array in self._arrays.items():
                 grown[name][:live] = array[self._start:self._stop]
             self._arrays, self._start, self._stop = grown, 0, live
+            self._tail_shown = False
         for name, array in self._arrays.items():
             array[self._stop:self._stop + count] = rows[name]
         self._stop += count
@@ -68,6 +70,27 @@ class RowBuffer:
         if count:
             self._start += count
             self._views = None
+
+    def drop_back(self, count):
+        """Forget the ``count`` newest rows (``0 <= count <= len(self)``).
+
+        Earlier views may still show those rows, so the next append writes to
+        fresh storage instead of over them.
+        """
+        if count:
+            self._stop -= count
+            self._views = None
+            self._tail_shown = True
+
+    def __deepcopy__(self, memo):
+        """An independent buffer holding copies of the live rows only."""
+        copy = RowBuffer.__new__(RowBuffer)
+        copy.layout = self.layout
+        copy._arrays = {name: array[self._start:self._stop].copy() for name, array in self._arrays.items()}
+        copy._start, copy._stop = 0, len(self)
+        copy._views = None
+        copy._tail_shown = False
+        return copy
 
     def views(self):
         """Read-only views of the live rows, ``{name: ndarray}`` (do not modify the dict)."""

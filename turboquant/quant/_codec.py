@@ -190,9 +190,18 @@ def _score_rows(packed, name, row_bytes, bits, centroids, scales, queries, dim, 
 
 
 class _ArrayCodec:
-    """Array-level interface shared by the three codecs (``spec`` set by each)."""
+    """Array-level interface shared by the three codecs (``spec`` set by each).
+
+    Codecs are immutable: copies (``copy.copy``, ``copy.deepcopy``) are the codec itself.
+    """
 
     spec = None
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def check_arrays(self, arrays):
         """Check a ``{name: array}`` dict against the spec's row layout; return its row count.
