@@ -32,6 +32,8 @@ import pathlib
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
+
 import numpy as np
 
 BENCH = pathlib.Path(__file__).resolve().parent

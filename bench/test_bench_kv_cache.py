@@ -40,6 +40,8 @@ import time
 import tracemalloc
 import zlib
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
+
 import numpy as np
 import pytest
 

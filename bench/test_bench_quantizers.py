@@ -18,6 +18,8 @@ import sys
 import time
 import tracemalloc
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
+
 import numpy as np
 import pytest
 
