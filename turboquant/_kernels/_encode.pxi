@@ -54,7 +54,7 @@ def hadamard_rotate(const floating[:, ::1] x, floating[:, ::1] out,
     cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, first, count
     cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
     cdef int level = begin_call(variant)
-    cdef double* tile
+    cdef double* tile = NULL
     # One transposed tile of TQ_TILE rows per thread, indexed by the OpenMP thread number.
     # Tiles are independent, so they are handed out "guided" (big shares first, then
     # smaller ones to whichever thread is free): a thread whose core is busy with
@@ -87,7 +87,7 @@ cdef int quantize_rows(const floating* y, Py_ssize_t n, Py_ssize_t d, const doub
     variant ``level``. Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t n_tiles = (n + TQ_TILE - 1) // TQ_TILE, t, first, count
     cdef Py_ssize_t tile_size = TQ_TILE * min(d, <Py_ssize_t> TQ_CHUNK)
-    cdef double* tile
+    cdef double* tile = NULL
     cdef floating* res
     cdef void* scratch = malloc(team * tile_size * sizeof(double) + 64)
     if scratch == NULL:
@@ -221,7 +221,7 @@ def hadamard_quantize_pack(const floating[:, ::1] x, const double[:, ::1] signs,
     cdef Py_ssize_t n_bounds = boundaries.shape[0], t, first, count, k
     cdef int team = threads_for(n * d, min(<Py_ssize_t> n_threads, n_tiles))
     cdef int level = begin_call(variant)
-    cdef floating* tile
+    cdef floating* tile = NULL
     cdef floating* res
     cdef const floating* signs_t
     cdef const floating* bounds_t
