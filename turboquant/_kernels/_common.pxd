@@ -1,9 +1,7 @@
 # cython: language_level=3
-# Declarations shared by the kernel modules: the C headers in include/ and
-# small inline helpers. cimport it; it has no module of its own.
-
-# Also shared with the kernel modules by ``cimport *``: the cimports below (the
-# prange and parallel of cython.parallel cannot be, so each .pyx cimports them).
+# Declarations shared by the kernel modules: the C headers in include/, small
+# inline helpers and, through ``cimport *``, the cimports below (not cython.parallel's
+# prange and parallel, which each .pyx cimports itself). It has no module of its own.
 from cython cimport floating
 from libc.math cimport INFINITY
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
