@@ -64,17 +64,16 @@ class BuildExtWithOpenMP(build_ext):
     """build_ext that cythonizes the kernels, probes the real compiler for OpenMP
     once, then uses it on compile and link."""
 
-    def finalize_options(self):
+    def build_extensions(self):
         import numpy as np
         from Cython.Build import cythonize
 
-        extensions = self.distribution.ext_modules
-        for ext in extensions:
+        # Generate the C sources here, not earlier: sdist and egg_info finalize
+        # this command too, to list the extension's sources.
+        for ext, generated in zip(self.extensions, cythonize(
+                self.extensions, compiler_directives=DIRECTIVES, force=bool(self.force))):
+            ext.sources = generated.sources
             ext.include_dirs.append(np.get_include())
-        extensions[:] = cythonize(extensions, compiler_directives=DIRECTIVES, force=bool(self.force))
-        super().finalize_options()
-
-    def build_extensions(self):
         flags = _openmp_flags(self.compiler)
         if flags is None:
             reason = (
