@@ -5,7 +5,12 @@ Environment switches:
 ``TURBOQUANT_NO_OPENMP=1``
     build without OpenMP even when it is available (kernels then run serially).
 ``TURBOQUANT_DEBUG=1``
-    compile the Cython kernels with bounds and initialisation checks.
+    compile the Cython kernels with bounds and initialisation checks. When
+    switching between debug and normal builds in one tree, add ``--force``
+    (``build_ext --inplace --force``) so that nothing is reused.
+
+Cython and numpy are needed only to build the extension: ``sdist`` and
+``egg_info`` (the file lists) run with setuptools alone.
 """
 
 import os
@@ -13,8 +18,6 @@ import sys
 import tempfile
 import textwrap
 
-import numpy as np
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -58,9 +61,19 @@ def _openmp_flags(compiler):
 
 
 class BuildExtWithOpenMP(build_ext):
-    """build_ext that probes the real compiler for OpenMP once, then uses it on compile and link."""
+    """build_ext that cythonizes the kernels, probes the real compiler for OpenMP
+    once, then uses it on compile and link."""
 
     def build_extensions(self):
+        import numpy as np
+        from Cython.Build import cythonize
+
+        # Generate the C sources here, not earlier: sdist and egg_info finalize
+        # this command too, to list the extension's sources.
+        for ext, generated in zip(self.extensions, cythonize(
+                self.extensions, compiler_directives=DIRECTIVES, force=bool(self.force))):
+            ext.sources = generated.sources
+            ext.include_dirs.append(np.get_include())
         flags = _openmp_flags(self.compiler)
         if flags is None:
             reason = (
@@ -97,13 +110,13 @@ extensions = [
     Extension(
         "turboquant._kernels._core",
         sources=["turboquant/_kernels/_core.pyx"],
-        include_dirs=["include", np.get_include()],
+        include_dirs=["include"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=[] if sys.platform == "win32" else OPT + FP_FLAGS,
     )
 ]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES),
+    ext_modules=extensions,
     cmdclass={"build_ext": BuildExtWithOpenMP},
 )

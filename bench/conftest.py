@@ -11,6 +11,8 @@ import os
 import pathlib
 import sys
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
+
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parent

@@ -15,9 +15,12 @@ Prints the minimum and the median over the rounds, in microseconds.
 """
 
 import argparse
+import os
 import pathlib
 import sys
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
 
 import numpy as np
 

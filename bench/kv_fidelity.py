@@ -32,12 +32,14 @@ import pathlib
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
+
 import numpy as np
 
 BENCH = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH.parent
 # Prefer an in-place build of the checkout over an installed package.
-if any(name.startswith("_core.") for name in os.listdir(ROOT / "turboquant")):
+if any(name.startswith("_core.") for name in os.listdir(ROOT / "turboquant" / "_kernels")):
     sys.path.insert(0, str(ROOT))
 
 import turboquant as tq  # noqa: E402

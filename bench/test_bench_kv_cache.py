@@ -40,6 +40,8 @@ import time
 import tracemalloc
 import zlib
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP loads (README, threads)
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 # Script mode: prefer an in-place build of the checkout over an installed package.
-if any(name.startswith("_core.") for name in os.listdir(os.path.join(ROOT, "turboquant"))):
+if any(name.startswith("_core.") for name in os.listdir(os.path.join(ROOT, "turboquant", "_kernels"))):
     sys.path.insert(1, ROOT)
 
 import turboquant as tq  # noqa: E402

@@ -16,7 +16,8 @@
  * machine returns the same bits for the same inputs whatever the thread count
  * or chunking of the caller (chunks are whole rows). The AVX2+FMA path and the
  * AVX-512 and portable paths round differently (FMA, partial sums); the
- * caller picks one with a kernel variant of tq_tile.h, like every kernel.
+ * caller picks one with a kernel variant of tq_tile.h, like every kernel (the
+ * AVX2 variant implies FMA there, so nothing here probes the CPU).
  */
 #ifndef TQ_LUT_H
 #define TQ_LUT_H
@@ -678,17 +679,6 @@ TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, pt
     TQ_LUT_DISPATCH4(bits, TQ_AVX512_SUM_BITS)
 #undef TQ_AVX512_SUM_BITS
 }
-
-/* The path for kernel variant `variant` (tq_tile.h): these kernels' AVX2 path
- * also needs FMA, so without it an AVX2 variant runs the portable path. */
-static inline int tq_lut_level(int variant)
-{
-    if (variant == TQ_AVX2 && !__builtin_cpu_supports("fma"))
-        return TQ_PORTABLE;
-    return variant;
-}
-#else
-static inline int tq_lut_level(int variant) { (void)variant; return TQ_PORTABLE; }
 #endif
 
 /* ------------------------------------------------------------------------ */
@@ -794,7 +784,7 @@ TQ_LUT_AVX2_FN static double tq_exp_shifted_avx2(float *x, ptrdiff_t n, float sh
 static inline double tq_exp_shifted(int variant, float *x, ptrdiff_t n, float shift)
 {
 #ifdef TQ_LUT_X86
-    switch (tq_lut_level(variant)) {
+    switch (variant) {
     case TQ_AVX512: return tq_exp_shifted_avx512(x, n, shift);
     case TQ_AVX2: return tq_exp_shifted_avx2(x, n, shift);
     }
@@ -821,7 +811,7 @@ static inline void tq_lut_scores(int variant, const uint8_t *codes, ptrdiff_t n,
     if (high != NULL)
         memcpy(top, high, sizeof(float) * (size_t)m);
 #ifdef TQ_LUT_X86
-    switch (tq_lut_level(variant)) {
+    switch (variant) {
     case TQ_AVX512:
         tq_lut_scores_avx512(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
                              out_stride, accumulate, local);
@@ -852,8 +842,7 @@ static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdif
                                        ptrdiff_t d, float *acc)
 {
     float row_weights[TQ_LUT_MAX_QUERIES * TQ_LUT_WEIGHT_ROWS];
-    const int level = tq_lut_level(variant);
-    for (ptrdiff_t i0 = 0; i0 < n; i0 += TQ_LUT_WEIGHT_ROWS) {
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += TQ_LUT_WEIGHT_ROWS) {
         const ptrdiff_t rows = n - i0 < TQ_LUT_WEIGHT_ROWS ? n - i0 : TQ_LUT_WEIGHT_ROWS;
         const uint8_t *block = codes + i0 * row_bytes;
         for (ptrdiff_t q = 0; q < m; q++)
@@ -861,14 +850,14 @@ static inline void tq_lut_weighted_sum(int variant, const uint8_t *codes, ptrdif
                 row_weights[q * TQ_LUT_WEIGHT_ROWS + i] =
                     (float)((double)weights[q * weight_stride + i0 + i] * scales[i0 + i]);
 #ifdef TQ_LUT_X86
-        if (level == TQ_AVX512) {
+        if (variant == TQ_AVX512) {
             tq_lut_weighted_sum_avx512(block, rows, row_bytes, bits, centroids, row_weights, m, d, acc);
             continue;
         }
 #endif
         for (ptrdiff_t q = 0; q < m; q++) {
 #ifdef TQ_LUT_X86
-            if (level == TQ_AVX2) {
+            if (variant == TQ_AVX2) {
                 tq_lut_weighted_sum_avx2(block, rows, row_bytes, bits, centroids,
                                          row_weights + q * TQ_LUT_WEIGHT_ROWS, d, acc + q * d);
                 continue;

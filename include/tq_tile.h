@@ -5,7 +5,7 @@
  * that TQ_DEFINE_VARIANTS can compile it several times: plainly (the portable
  * variant, the only one off x86 or with other compilers), and with the AVX2 and
  * the AVX-512 instruction sets. The caller picks a variant at run time
- * (tq_best_variant) and passes it down.
+ * (tq_best_variant, probed once per process) and passes it down explicitly.
  *
  * Every variant performs the same IEEE additions, subtractions, multiplications
  * and comparisons in the same order, and setup.py builds with
@@ -37,16 +37,18 @@ enum { TQ_PORTABLE = 0, TQ_AVX2 = 1, TQ_AVX512 = 2 };
 #define TQ_AVX2_TARGET __attribute__((target("avx2")))
 #define TQ_AVX512_TARGET __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
 
-/* The fastest variant this CPU runs. */
+/* The fastest variant this CPU runs: the only CPU probe of the package, made
+ * once when the extension module is initialised (_dispatch.pxi). The AVX2 and
+ * AVX-512 variants both require FMA as well (tq_lut.h uses it). */
 static inline int tq_best_variant(void)
 {
     __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+        return TQ_PORTABLE;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
         return TQ_AVX512;
-    if (__builtin_cpu_supports("avx2"))
-        return TQ_AVX2;
-    return TQ_PORTABLE;
+    return TQ_AVX2;
 }
 
 /* `name(params)` calls `name##_body(args)` compiled for the variant named by

@@ -1,8 +1,13 @@
 """The public surface: exports, docstrings, configuration, threads, stubs and the CLI."""
 
+import importlib.metadata
 import io
+import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,6 +73,25 @@ def test_show_config_to_a_file(capsys):
     assert f"version: {info['version']}" in stream.getvalue()
 
 
+def test_import_leaves_the_environment_alone():
+    code = ("import json, os; os.environ.pop('OMP_WAIT_POLICY', None); before = dict(os.environ); "
+            "import turboquant, io; info = turboquant.show_config(file=io.StringIO()); "
+            "print(json.dumps([dict(os.environ) == before, info['wait_policy']]))")
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+    unchanged, policy = json.loads(result.stdout)
+    assert unchanged
+    assert policy.startswith("unset") and "OMP_WAIT_POLICY=PASSIVE" in policy
+
+
+def test_show_config_reports_the_wait_policy_read_at_import():
+    code = ("import io, os, turboquant; os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'; "
+            "print(turboquant.show_config(file=io.StringIO())['wait_policy'])")
+    result = run_python("-c", code, OMP_WAIT_POLICY="passive")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "passive"
+
+
 def test_show_config_follows_omp_num_threads():
     if not _core.openmp_enabled():
         pytest.skip("built without OpenMP")
@@ -109,10 +133,52 @@ def test_core_stub_matches_runtime(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def installed_distribution():
+    """The installed distribution the turboquant under test comes from, or None
+    when it is imported from a source tree."""
+    try:
+        dist = importlib.metadata.distribution("cyturboquant")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    installed = pathlib.Path(dist.locate_file("turboquant/__init__.py")).resolve()
+    return dist if installed == pathlib.Path(turboquant.__file__).resolve() else None
+
+
 def test_stub_and_marker_are_shipped():
-    package = pathlib.Path(turboquant.__file__).parent
-    assert (package / "_kernels" / "_core.pyi").is_file()
-    assert (package / "py.typed").is_file()
+    """Every module ``import turboquant`` loads, the extension, the stub and the
+    py.typed marker are files of the installed distribution."""
+    dist = installed_distribution()
+    if dist is None:
+        # .ci/run sets TURBOQUANT_TEST_INSTALLED where it tests an installed package.
+        assert not os.environ.get("TURBOQUANT_TEST_INSTALLED"), "turboquant is not the installed one"
+        pytest.skip("turboquant is imported from a source tree, not from an installed distribution")
+    files = {pathlib.Path(dist.locate_file(f)).resolve() for f in dist.files}
+    package = pathlib.Path(turboquant.__file__).resolve().parent
+    loaded = {pathlib.Path(module.__file__).resolve() for name, module in list(sys.modules.items())
+              if name.split(".")[0] == "turboquant" and getattr(module, "__file__", None)}
+    assert {"turboquant.quant", "turboquant.kv", "turboquant._kernels._core"} <= set(sys.modules)
+    for path in sorted(loaded) + [package / "_kernels" / "_core.pyi", package / "py.typed"]:
+        assert path in files and path.is_file(), path
+
+
+def test_sdist_ships_every_header_and_kernel_source(tmp_path):
+    """The sdist's file list, made by setuptools from pyproject.toml and
+    MANIFEST.in, holds every header under include/, every Cython source and
+    stub, the marker and the tests; and no generated C or compiled module."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if not (root / "MANIFEST.in").is_file():
+        pytest.skip("the tests do not sit in a source tree")
+    result = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = set((tmp_path / "cyturboquant.egg-info" / "SOURCES.txt").read_text().split())
+    expected = {str(path.relative_to(root).as_posix()) for pattern in
+                ("include/*.h", "turboquant/**/*.pyx", "turboquant/**/*.pxd", "turboquant/**/*.pxi",
+                 "turboquant/**/*.pyi", "turboquant/**/py.typed", "turboquant/**/*.py", "tests/*.py")
+                for path in root.glob(pattern)}
+    assert {"include/tq_openmp.h", "turboquant/_kernels/_common.pxd", "tests/conftest.py"} <= expected
+    assert expected - listed == set()
+    assert not [name for name in listed if name.endswith((".c", ".so", ".pyd", ".html"))]
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def quantizers(dim, seed):
 
 def digests(dims, seeds, codes=True, variant=None):
     if variant is not None:
-        _core._set_kernel_variant(variant)
+        with _core._use_kernel_variant(variant):
+            return digests(dims, seeds, codes)
     out = {}
     for dim in dims:
         books = [float32_codebook(dim, bits) for bits in range(1, 9)]

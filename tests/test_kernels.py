@@ -11,6 +11,9 @@ double differs from any other summation order by at most
 rounding, ``eps32 * |result|``.
 """
 
+import contextlib
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -119,6 +122,15 @@ def run_threads(kernel, make_out, *args):
         kernel(*args, out, n_threads)
         outs.append(out)
     return outs
+
+
+def assert_ran_on(n_threads, team):
+    """The last kernel call, asked for ``n_threads``, ran with a ``team`` of one
+    thread for 1 and of several otherwise (when the build has OpenMP)."""
+    if n_threads == 1 or not _core.openmp_enabled():
+        assert team == 1
+    else:
+        assert team > 1, f"asked for {n_threads} threads, ran on {team}: too little work to test threads"
 
 
 def assert_same_for_all_threads(outs):
@@ -439,13 +451,17 @@ def test_openmp_introspection():
 
 
 # -- thread counts on inputs large enough to run in parallel ---------------------------
-# The kernels fall back to one thread below about 2**16 inner steps, so the
-# randomized tests above mostly run serially; these inputs are above that.
-PARALLEL_ROWS, PARALLEL_DIM = 6000, 97            # 1-bit LUT: 6000 * 13 bytes > 2**16
+# The kernels fall back to one thread below about 2**16 inner steps, and the
+# float32 small-code kernels below 2**20 code bytes read (queries x rows x row
+# bytes), so the randomized tests above mostly run serially; these inputs are
+# above both, which each call checks with _core._last_team_size().
+PARALLEL_ROWS, PARALLEL_DIM = 6000, 97
+PARALLEL_QUERIES = 16                             # 1-bit codes: 16 * 6000 * 13 bytes > 2**20
 
 
 def parallel_case(kernel, bits, dtype):
-    """(callable(n_threads) -> outputs) for one kernel on a large random input."""
+    """(callable(n_threads) -> (outputs, teams)) for one kernel on a large random
+    input: its outputs, and the team size of each kernel call it made."""
     rng = np.random.default_rng(bits)
     n, d = PARALLEL_ROWS, PARALLEL_DIM
     centroids, boundaries = random_codebook(rng, bits)
@@ -453,46 +469,55 @@ def parallel_case(kernel, bits, dtype):
     x = rng.standard_normal((n, d)).astype(dtype)
     scales = rng.uniform(0.0, 2.0, size=n)
     signs = rng.integers(0, 2, size=(2, d)) * 2.0 - 1.0
-    queries = rng.standard_normal((3, d)).astype(dtype)
-    start = rng.standard_normal((3, n)).astype(dtype)
-    weights = rng.standard_normal((3, n))
+    queries = rng.standard_normal((PARALLEL_QUERIES, d)).astype(dtype)
+    start = rng.standard_normal((PARALLEL_QUERIES, n)).astype(dtype)
+    weights = rng.standard_normal((PARALLEL_QUERIES, n)).astype(dtype)
     width = packed_width(d, bits)
 
     def run(n_threads):
+        teams = []
+
+        def noted(outputs):
+            teams.append(_core._last_team_size())
+            return outputs
+
+        return outputs_of(n_threads, noted), teams
+
+    def outputs_of(n_threads, noted):
         if kernel == "row_norms":
             out = np.empty(n)
             _core.row_norms(x, out, n_threads)
-            return [out]
+            return noted([out])
         if kernel == "hadamard_rotate":
-            return [run_hadamard(x, signs, 64, inverse, n_threads) for inverse in (False, True)]
+            return [noted(run_hadamard(x, signs, 64, inverse, n_threads)) for inverse in (False, True)]
         if kernel == "hadamard_quantize_pack":
-            return list(hadamard_quantize(x, signs, 64, boundaries, centroids, bits, n_threads))
+            return noted(list(hadamard_quantize(x, signs, 64, boundaries, centroids, bits, n_threads)))
         if kernel == "quantize_pack":
             codes, residual = np.empty((n, width), np.uint8), np.empty((n, d), dtype)
             _core.quantize_pack(x, scales, boundaries, centroids, bits, codes, residual, True, n_threads)
-            return [codes, residual]
+            return noted([codes, residual])
         if kernel == "pack_indices":
             codes = np.empty((n, width), np.uint8)
             _core.pack_indices(indices, bits, codes, n_threads)
-            return [codes]
+            return noted([codes])
         if kernel == "unpack_indices":
             out = np.empty((n, d), np.uint8)
             _core.unpack_indices(packed, bits, out, n_threads)
-            return [out]
+            return noted([out])
         if kernel == "dequantize_rows":
             out = np.empty((n, d), dtype)
             _core.dequantize_rows(packed, bits, centroids, scales, out, n_threads)
-            return [out]
+            return noted([out])
         if kernel == "lut_inner_products":
             outs = []
             for accumulate in (False, True):
                 out = start.copy()
                 _core.lut_inner_products(packed, bits, centroids, queries, scales, out, accumulate, n_threads)
-                outs.append(out)
+                outs.append(noted(out))
             return outs
-        out = np.empty((3, d))
+        out = np.empty((PARALLEL_QUERIES, d))
         _core.lut_weighted_sum(packed, bits, centroids, weights, scales, out, n_threads)
-        return [out]
+        return noted([out])
 
     return run
 
@@ -507,7 +532,13 @@ PARALLEL_KERNELS = ["row_norms", "hadamard_rotate", "hadamard_quantize_pack", "q
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_inputs_identical_for_every_thread_count(kernel, bits, dtype):
     run = parallel_case(kernel, bits, dtype)
-    results = [run(n_threads) for n_threads in (1, 2, 3)]
+    results = []
+    for n_threads in (1, 2, 3):
+        outputs, teams = run(n_threads)
+        assert teams
+        for team in teams:
+            assert_ran_on(n_threads, team)
+        results.append(outputs)
     for outputs in zip(*results):
         assert_same_for_all_threads(list(outputs))
 
@@ -601,13 +632,6 @@ def test_hadamard_quantize_pack_rows_do_not_depend_on_their_tile(dtype):
 
 
 # -- kernel variants (portable C, AVX2, AVX-512) ---------------------------------------------
-@pytest.fixture
-def restore_variant():
-    before = _core._kernel_variant()
-    yield
-    _core._set_kernel_variant(before)
-
-
 def variant_outputs(dtype, bits):
     """Every variant-dispatched kernel on one input, as a list of arrays."""
     rng, signs, block = hadamard_setup(130, 2, bits)
@@ -627,21 +651,99 @@ def variant_outputs(dtype, bits):
     return outputs + [codes, residual, product]
 
 
-def test_kernel_variants_are_listed(restore_variant):
+def test_kernel_variants_are_listed():
     variants = _core._kernel_variants()
     assert variants[0] == "portable" and _core._kernel_variant() == variants[-1]
     assert set(variants) <= {"portable", "avx2", "avx512"}
     with pytest.raises(ValueError, match="kernel variant must be one of"):
-        _core._set_kernel_variant("sse9")
+        _core._use_kernel_variant("sse9")
+    x, out = np.ones((2, 4)), np.empty((2, 4))
+    for bad in ("sse9", 1, b"avx2"):
+        with pytest.raises(ValueError, match="kernel variant must be one of"):
+            _core.small_product(x, np.eye(4), out, bad)
+
+
+def test_a_kernel_runs_the_variant_it_is_given():
+    x, out = np.ones((2, 4)), np.empty((2, 4))
+    _core.row_norms(x, np.empty(2), 1)
+    assert _core._last_kernel_variant() is None                  # one implementation
+    _core.small_product(x, np.eye(4), out)
+    assert _core._last_kernel_variant() == _core._kernel_variant()
+    for variant in _core._kernel_variants():
+        _core.small_product(x, np.eye(4), out, variant)
+        assert _core._last_kernel_variant() == variant
+        with _core._use_kernel_variant(variant) as name:
+            assert name == variant and _core._kernel_variant() == variant
+            _core.small_product(x, np.eye(4), out)
+            assert _core._last_kernel_variant() == variant
+            with _core._use_kernel_variant("portable"):
+                assert _core._kernel_variant() == "portable"
+            assert _core._kernel_variant() == variant
+    assert _core._kernel_variant() == _core._kernel_variants()[-1]
+
+
+def test_threads_run_their_own_variants_at_once():
+    """A variant chosen in one thread applies to that thread's calls only, while
+    another thread runs kernels on a different one at the same time."""
+    import threading
+    variants = _core._kernel_variants()
+    wanted = {"first": variants[0], "second": variants[-1], "default": None}
+    barrier = threading.Barrier(len(wanted))
+    seen, errors = {name: set() for name in wanted}, []
+    x = np.random.default_rng(0).standard_normal((64, 64))
+    matrix = np.eye(64)
+
+    def work(name):
+        try:
+            variant = wanted[name]
+            with (_core._use_kernel_variant(variant) if variant else contextlib.nullcontext()):
+                barrier.wait()
+                for _ in range(200):
+                    out = np.empty_like(x)
+                    _core.small_product(x, matrix, out)
+                    seen[name].add((_core._kernel_variant(), _core._last_kernel_variant()))
+                    assert np.array_equal(out, x)
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in wanted]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert seen["first"] == {(variants[0], variants[0])}
+    assert seen["second"] == {(variants[-1], variants[-1])}
+    assert seen["default"] == {(variants[-1], variants[-1])}
+
+
+@pytest.mark.parametrize("cap, expected", [("portable", ["portable"]), ("AVX2", ["portable", "avx2"]),
+                                           ("avx512", None), ("", None), ("sse9", None)])
+def test_simd_environment_variable_caps_the_variants(cap, expected):
+    import json
+
+    from conftest import run_python
+    result = run_python("-W", "always", "-c",
+                        "import json, io, turboquant as t; from turboquant._kernels import _core; "
+                        "info = t.show_config(file=io.StringIO()); "
+                        "print(json.dumps([_core._kernel_variants(), info['kernels']]))",
+                        TURBOQUANT_SIMD=cap)
+    assert result.returncode == 0, result.stderr
+    variants, in_use = json.loads(result.stdout)
+    cpu = _core._kernel_variants() if not os.environ.get("TURBOQUANT_SIMD") else None
+    if cpu is not None:
+        assert variants == (cpu if expected is None else cpu[:len(expected)])
+    assert in_use == variants[-1]
+    assert ("TURBOQUANT_SIMD='sse9' is not one of" in result.stderr) == (cap == "sse9")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
-def test_kernel_variants_are_bit_identical(dtype, bits, restore_variant):
+def test_kernel_variants_are_bit_identical(dtype, bits):
     results = {}
     for variant in _core._kernel_variants():
-        _core._set_kernel_variant(variant)
-        results[variant] = variant_outputs(dtype, bits)
+        with _core._use_kernel_variant(variant):
+            results[variant] = variant_outputs(dtype, bits)
     for variant, outputs in results.items():
         for got, expected in zip(outputs, results["portable"]):
             assert got.dtype == expected.dtype
@@ -666,7 +768,7 @@ def test_small_product_matches_matmul(dtype, dim, m):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("dim", [9, 128, 300])
-def test_a_few_rows_get_the_cells_they_get_in_a_tile(dtype, bits, dim, restore_variant):
+def test_a_few_rows_get_the_cells_they_get_in_a_tile(dtype, bits, dim):
     """Up to four rows are quantized one by one instead of in a 16-row tile: the
     same cells, packed bytes and residuals, on every kernel variant."""
     import turboquant as tq
@@ -679,11 +781,10 @@ def test_a_few_rows_get_the_cells_they_get_in_a_tile(dtype, bits, dim, restore_v
     tiled_residual = np.empty_like(y)
     _core.quantize_pack(y, norms, book.boundaries, book.centroids, bits, tiled_codes, tiled_residual, True, 1)
     for variant in _core._kernel_variants():
-        _core._set_kernel_variant(variant)
         for rows in (slice(0, 1), slice(2, 4), slice(3, 7)):
             codes = np.empty_like(tiled_codes[rows])
             residual = np.empty_like(y[rows])
             _core.quantize_pack(np.ascontiguousarray(y[rows]), norms[rows], book.boundaries, book.centroids,
-                                bits, codes, residual, True, 1)
+                                bits, codes, residual, True, 1, variant)
             np.testing.assert_array_equal(codes, tiled_codes[rows])
             np.testing.assert_array_equal(residual, tiled_residual[rows])

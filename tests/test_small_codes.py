@@ -15,6 +15,7 @@ import pytest
 
 import turboquant as tq
 from kv_model import exact_attention
+from test_kernels import assert_ran_on
 from turboquant._kernels import _core
 
 EPS32 = np.finfo(np.float32).eps
@@ -23,11 +24,26 @@ AVAILABLE = _core._kernel_variants()
 
 @pytest.fixture(params=AVAILABLE)
 def path(request):
-    """Run the test on one kernel variant, then restore the best one."""
-    _core._set_kernel_variant(request.param)
-    assert _core._kernel_variant() == request.param
-    yield request.param
-    _core._set_kernel_variant(AVAILABLE[-1])
+    """Run the test's kernel calls on one kernel variant."""
+    with _core._use_kernel_variant(request.param):
+        assert _core._kernel_variant() == request.param
+        yield request.param
+
+
+@pytest.fixture
+def teams(monkeypatch):
+    """``teams(name)`` makes every call of ``_core.<name>`` (from the package too)
+    append the team size it ran with to ``teams.sizes``."""
+    def spy(name):
+        kernel = getattr(_core, name)
+
+        def call(*args, **kwargs):
+            kernel(*args, **kwargs)
+            spy.sizes.append(_core._last_team_size())
+        monkeypatch.setattr(_core, name, call)
+
+    spy.sizes = []
+    return spy
 
 
 def random_case(rng, n, dim, bits):
@@ -80,9 +96,12 @@ def test_a_rows_score_does_not_depend_on_its_neighbours(path, bits, dim):
 def test_scores_identical_for_every_thread_count(path, bits):
     rng = np.random.default_rng([11, bits])
     centroids, _, packed, scales = random_case(rng, 40_000, 64, bits)
-    queries = rng.standard_normal((3, 64)).astype(np.float32)
+    queries = rng.standard_normal((5, 64)).astype(np.float32)   # 1 bit: 5 * 40000 * 8 bytes > 2**20
     one = scores(packed, bits, centroids, queries, scales, 1)
-    np.testing.assert_array_equal(one, scores(packed, bits, centroids, queries, scales, 2))
+    assert_ran_on(1, _core._last_team_size())
+    for threads in (2, 3):
+        np.testing.assert_array_equal(one, scores(packed, bits, centroids, queries, scales, threads))
+        assert_ran_on(threads, _core._last_team_size())
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -129,12 +148,9 @@ def test_paths_agree_to_float32_rounding():
     queries = rng.standard_normal((2, 128))
     exact = quantizer.inner_products(codes, queries)
     results = {}
-    try:
-        for name in AVAILABLE:
-            _core._set_kernel_variant(name)
+    for name in AVAILABLE:
+        with _core._use_kernel_variant(name):
             results[name] = quantizer.inner_products(codes, queries.astype(np.float32))
-    finally:
-        _core._set_kernel_variant(AVAILABLE[-1])
     for result in results.values():
         np.testing.assert_allclose(result, exact, rtol=0, atol=200 * EPS32 * np.abs(exact).max())
 
@@ -264,7 +280,7 @@ def test_fused_attention_refuses_mismatched_operands():
                                          np.empty((2, 1, dim), dtype=np.float32), 1)
 
 
-def test_fused_attention_is_identical_for_every_thread_count(path):
+def test_fused_attention_is_identical_for_every_thread_count(path, teams):
     """Large enough for a team of threads (chunks handed out dynamically): the
     chunks are combined in order, so the bits do not depend on the team."""
     rng = np.random.default_rng(43)
@@ -272,11 +288,32 @@ def test_fused_attention_is_identical_for_every_thread_count(path):
     cache = tq.QuantizedKVCache(tq.KVCacheConfig(dim))
     cache.append(rng.standard_normal((n, dim)), rng.standard_normal((n, dim)))
     queries = rng.standard_normal((5, dim)).astype(np.float32)
+    teams("small_code_attention")
+    teams("lut_inner_products")
     one = cache.attention_output(queries, n_threads=1)
+    one_scores = cache.attention_scores(queries, n_threads=1)
     for threads in (2, 3):
         np.testing.assert_array_equal(cache.attention_output(queries, n_threads=threads), one)
-        np.testing.assert_array_equal(cache.attention_scores(queries, n_threads=threads),
-                                      cache.attention_scores(queries, n_threads=1))
+        np.testing.assert_array_equal(cache.attention_scores(queries, n_threads=threads), one_scores)
+    assert len(teams.sizes) == 6
+    for threads, team in zip((1, 1, 2, 2, 3, 3), teams.sizes):
+        assert_ran_on(threads, team)
+
+
+def test_multi_head_fused_attention_is_identical_for_every_thread_count(path, teams):
+    """Heads spread over a team of threads give the bits of one thread."""
+    rng = np.random.default_rng(44)
+    heads, query_heads, dim, n = 4, 8, 64, 3000
+    cache = tq.MultiHeadKVCache(tq.MultiHeadConfig(heads, tq.KVCacheConfig(dim), num_query_heads=query_heads))
+    cache.append_all(rng.standard_normal((heads, n, dim)), rng.standard_normal((heads, n, dim)))
+    queries = rng.standard_normal((query_heads, dim)).astype(np.float32)
+    teams("small_code_attention_heads")
+    one = cache.attention_output_all(queries, n_threads=1)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(cache.attention_output_all(queries, n_threads=threads), one)
+    assert len(teams.sizes) == 3
+    for threads, team in zip((1, 2, 3), teams.sizes):
+        assert_ran_on(threads, team)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4])
@@ -288,6 +325,7 @@ def test_weighted_sums_identical_for_every_thread_count(path, bits):
     for threads in (1, 2, 3):
         out = np.empty((6, 64))
         _core.lut_weighted_sum(packed, bits, centroids, weights, scales, out, threads)
+        assert_ran_on(threads, _core._last_team_size())
         outs.append(out)
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])

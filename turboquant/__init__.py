@@ -5,15 +5,6 @@ Vector Quantization with Near-optimal Distortion Rate", arXiv:2504.19874) as a
 Cython/OpenMP extension with a numpy API.
 """
 
-import os as _os
-
-# Idle OpenMP workers sleep instead of spinning: the kernels alternate with
-# numpy's BLAS calls (rotations, small products), whose own threads need the
-# same cores, and spinning workers slowed whole calls several-fold on 2 cores.
-# Only a default: an OMP_WAIT_POLICY set by the user wins, and it takes effect
-# only if no OpenMP runtime was loaded before turboquant.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from ._config import show_config
 from ._errors import (
     CorruptPayloadError,

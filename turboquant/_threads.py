@@ -25,6 +25,14 @@ def resolve_n_threads(n_threads=None):
     ------
     InvalidParameterError
         If ``n_threads`` is 0 or not an integer.
+
+    Notes
+    -----
+    turboquant leaves the OpenMP environment alone. Where numpy's BLAS threads
+    share the cores with the kernels' OpenMP threads, setting
+    ``OMP_WAIT_POLICY=PASSIVE`` before starting Python is recommended: idle
+    OpenMP workers then sleep instead of spinning on the cores BLAS needs.
+    :func:`show_config` reports the policy in effect.
     """
     if n_threads is None:
         return max(1, _core.max_threads())

@@ -30,14 +30,13 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                             const float* value_cents, Py_ssize_t n, const float* queries,
                             Py_ssize_t m, Py_ssize_t d, const float* key_rotation,
                             const float* value_rotation, double scale, float* out,
-                            int n_threads) noexcept nogil:
+                            int n_threads, int level) noexcept nogil:
     """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous,
-    either rotation NULL for none); ``out`` (m, d) is written. Returns -1 when
-    out of memory, else 0."""
+    either rotation NULL for none) on kernel variant ``level``; ``out`` (m, d) is
+    written. Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK), c, q, q0, i, j, start, count, b0, mb
     cdef int team = threads_for_codes(n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, n_chunks))
-    cdef int variant = kernel_variant
     cdef float high
     cdef double total
     # All scratch in one block: the doubles first, then the floats.
@@ -55,7 +54,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     cdef float* chunk_max = logits + block * n
     cdef float* partial = chunk_max + n_chunks * block
     if key_rotation != NULL:
-        tq_small_product_f(variant, queries, m, d, key_rotation, rotated)
+        tq_small_product_f(level, queries, m, d, key_rotation, rotated)
         queries = rotated
     for i in range(n):
         scales[i] = key_norms[i] * scale        # the scores come out as logits
@@ -64,36 +63,39 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     while b0 < m:
         mb = min(block, m - b0)
         # Logits and their maximum, per chunk.
-        for c in prange(n_chunks, num_threads=team, schedule="dynamic"):
-            start = c * chunk
-            count = min(chunk, n - start)
-            for q in range(mb):
-                chunk_max[c * mb + q] = -INFINITY
-            q0 = 0
-            while q0 < mb:
-                tq_lut_scores(variant, key_codes + start * key_bytes, count, key_bytes, key_bits, key_cents,
-                              queries + (b0 + q0) * d, min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
-                              d, scales + start, logits + q0 * n + start, n, 0,
-                              chunk_max + c * mb + q0)
-                q0 = q0 + TQ_LUT_MAX_QUERIES
+        with parallel(num_threads=team):
+            tq_team_note()
+            for c in prange(n_chunks, schedule="dynamic"):
+                start = c * chunk
+                count = min(chunk, n - start)
+                for q in range(mb):
+                    chunk_max[c * mb + q] = -INFINITY
+                q0 = 0
+                while q0 < mb:
+                    tq_lut_scores(level, key_codes + start * key_bytes, count, key_bytes, key_bits, key_cents,
+                                  queries + (b0 + q0) * d, min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
+                                  d, scales + start, logits + q0 * n + start, n, 0,
+                                  chunk_max + c * mb + q0)
+                    q0 = q0 + TQ_LUT_MAX_QUERIES
         # Numerators exp(logit - max) and their weighted sums, per chunk.
-        for c in prange(n_chunks, num_threads=team, schedule="dynamic"):
-            start = c * chunk
-            count = min(chunk, n - start)
-            for q in range(mb):
-                high = chunk_max[q]
-                for j in range(1, n_chunks):
-                    if chunk_max[j * mb + q] > high:
-                        high = chunk_max[j * mb + q]
-                chunk_sum[c * mb + q] = tq_exp_shifted(variant, logits + q * n + start, count, high)
-            memset(partial + c * mb * d, 0, mb * d * sizeof(float))
-            q0 = 0
-            while q0 < mb:
-                tq_lut_weighted_sum(variant, value_codes + start * value_bytes, count, value_bytes, value_bits,
-                                    value_cents, logits + q0 * n + start, n,
-                                    min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), scales + n + start, d,
-                                    partial + (c * mb + q0) * d)
-                q0 = q0 + TQ_LUT_MAX_QUERIES
+        with parallel(num_threads=team):
+            for c in prange(n_chunks, schedule="dynamic"):
+                start = c * chunk
+                count = min(chunk, n - start)
+                for q in range(mb):
+                    high = chunk_max[q]
+                    for j in range(1, n_chunks):
+                        if chunk_max[j * mb + q] > high:
+                            high = chunk_max[j * mb + q]
+                    chunk_sum[c * mb + q] = tq_exp_shifted(level, logits + q * n + start, count, high)
+                memset(partial + c * mb * d, 0, mb * d * sizeof(float))
+                q0 = 0
+                while q0 < mb:
+                    tq_lut_weighted_sum(level, value_codes + start * value_bytes, count, value_bytes,
+                                        value_bits, value_cents, logits + q0 * n + start, n,
+                                        min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), scales + n + start, d,
+                                        partial + (c * mb + q0) * d)
+                    q0 = q0 + TQ_LUT_MAX_QUERIES
         for q in range(mb):
             for j in range(d):
                 acc[j] = 0.0
@@ -106,7 +108,7 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                 target[(b0 + q) * d + j] = <float> (acc[j] / total)
         b0 = b0 + block
     if value_rotation != NULL:
-        tq_small_product_f(variant, target, m, d, value_rotation, out)
+        tq_small_product_f(level, target, m, d, value_rotation, out)
     free(scratch)
     return 0
 
@@ -116,7 +118,7 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
                          const double[::1] value_centroids, const float[::1] value_norms,
                          const float[:, ::1] queries, const float[:, ::1] key_rotation,
                          const float[:, ::1] value_rotation, double scale, float[:, ::1] out,
-                         int n_threads):
+                         int n_threads, variant=None):
     """Softmax attention over MSE-coded keys and values in one pass, float32.
 
     ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
@@ -142,7 +144,10 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     scale : float
     out : (m, d) float32, written
     n_threads : int >= 1
+    variant : str, optional
+        Kernel variant (one of ``_kernel_variants()``); the context's by default.
     """
+    cdef int level = begin_call(variant)
     cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
     cdef float key_cents[16]
     cdef float value_cents[16]
@@ -160,7 +165,7 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
                                     value_bits, value_cents, n, &queries[0, 0], m, d,
                                     NULL if key_rotation is None else &key_rotation[0, 0],
                                     NULL if value_rotation is None else &value_rotation[0, 0],
-                                    scale, &out[0, 0], n_threads)
+                                    scale, &out[0, 0], n_threads, level)
     if status < 0:
         raise MemoryError()
 
@@ -171,7 +176,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
                                Py_ssize_t value_bytes, int value_bits, const double[::1] value_centroids,
                                Py_ssize_t n, const float[:, :, ::1] queries,
                                const uintptr_t[::1] key_rotations, const uintptr_t[::1] value_rotations,
-                               double scale, float[:, :, ::1] out, int n_threads):
+                               double scale, float[:, :, ::1] out, int n_threads, variant=None):
     """:func:`small_code_attention` for every head of a multi-head cache in one call.
 
     Head ``h`` (one thread per head, the heads spread over the team) attends
@@ -197,7 +202,10 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     scale : float
     out : (heads, m, d) float32, written
     n_threads : int >= 1
+    variant : str, optional
+        As for :func:`small_code_attention`.
     """
+    cdef int level = begin_call(variant)
     cdef Py_ssize_t heads = queries.shape[0], m = queries.shape[1], d = queries.shape[2], h
     cdef float key_cents[16]
     cdef float value_cents[16]
@@ -213,16 +221,18 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
         return
     centroids_f32(key_centroids, key_bits, key_cents)
     centroids_f32(value_centroids, value_bits, value_cents)
-    for h in prange(heads, nogil=True, num_threads=threads_for_codes(
-            heads * n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, heads)), schedule="dynamic"):
-        if attend_small_codes(<const uint8_t*> key_codes[h], <const float*> key_norms[h], key_bytes,
-                              key_bits, key_cents, <const uint8_t*> value_codes[h],
-                              <const float*> value_norms[h], value_bytes, value_bits, value_cents, n,
-                              &queries[h, 0, 0], m, d,
-                              NULL if key_rotations is None else <const float*> key_rotations[h],
-                              NULL if value_rotations is None else <const float*> value_rotations[h],
-                              scale, &out[h, 0, 0], 1) < 0:
-            failed += 1
+    with nogil, parallel(num_threads=threads_for_codes(heads * n * m * (key_bytes + value_bytes),
+                                                     min(<Py_ssize_t> n_threads, heads))):
+        tq_team_note()
+        for h in prange(heads, schedule="dynamic"):
+            if attend_small_codes(<const uint8_t*> key_codes[h], <const float*> key_norms[h], key_bytes,
+                                  key_bits, key_cents, <const uint8_t*> value_codes[h],
+                                  <const float*> value_norms[h], value_bytes, value_bits, value_cents, n,
+                                  &queries[h, 0, 0], m, d,
+                                  NULL if key_rotations is None else <const float*> key_rotations[h],
+                                  NULL if value_rotations is None else <const float*> value_rotations[h],
+                                  scale, &out[h, 0, 0], 1, level) < 0:
+                failed += 1
     if failed:
         raise MemoryError()
 

@@ -1,10 +1,8 @@
 # cython: language_level=3
-# Declarations shared by the kernel modules: the C headers in include/ and
-# small inline helpers. cimport it; it has no module of its own.
-
-cimport cython
+# Declarations shared by the kernel modules: the C headers in include/, small
+# inline helpers and, through ``cimport *``, the cimports below (not cython.parallel's
+# prange and parallel, which each .pyx cimports itself). It has no module of its own.
 from cython cimport floating
-from cython.parallel cimport prange
 from libc.math cimport INFINITY
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -74,6 +72,10 @@ cdef extern from "tq_openmp.h" nogil:
     int tq_max_threads()
     int tq_num_procs()
     int tq_thread_num()
+    void tq_team_note()
+    void tq_call_begin(int variant)
+    int tq_last_team()
+    int tq_last_variant()
 
 
 # Below this many inner-loop steps a parallel region costs more than it saves

@@ -13,13 +13,7 @@ little-endian bit stream; index ``j`` occupies bits ``j*bits .. j*bits+bits-1``
 """
 
 
-cimport cython
-from cython cimport floating
-from cython.parallel cimport prange
-from libc.math cimport INFINITY
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from cython.parallel cimport parallel, prange
 from turboquant._kernels._common cimport *
 
 include "_dispatch.pxi"

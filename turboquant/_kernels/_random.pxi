@@ -33,7 +33,7 @@ def standard_normal_from_raw(const uint64_t[::1] words, double[::1] out, Py_ssiz
     return filled
 
 
-def haar_orthogonal(double[:, ::1] a):
+def haar_orthogonal(double[:, ::1] a, variant=None):
     """Replace the square matrix ``a`` by ``Q diag(sign(diag(R)))``, ``a = Q R`` its QR.
 
     Householder reflections in a fixed order with element-wise inner loops
@@ -44,9 +44,11 @@ def haar_orthogonal(double[:, ::1] a):
     Parameters
     ----------
     a : (d, d) float64, C-contiguous, overwritten
+    variant : str, optional
+        Kernel variant (default: this context's); every variant gives the same bits.
     """
     cdef Py_ssize_t d = a.shape[0]
-    cdef int variant = kernel_variant
+    cdef int level = begin_call(variant)
     if a.shape[1] != d:
         raise ValueError(f"a has shape ({d}, {a.shape[1]}); expected a square matrix")
     if d == 0:
@@ -55,5 +57,5 @@ def haar_orthogonal(double[:, ::1] a):
     if work == NULL:
         raise MemoryError()
     with nogil:
-        tq_haar_orthogonal(variant, &a[0, 0], d, work)
+        tq_haar_orthogonal(level, &a[0, 0], d, work)
     free(work)

@@ -115,29 +115,30 @@ cdef inline void centroids_f32(const double[::1] centroids, int bits, float* out
 
 cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
                             const float[:, ::1] queries, const double[::1] scales,
-                            float[:, ::1] out, bint accumulate, int n_threads) noexcept nogil:
-    """float32 scores of codes with at most TQ_LUT_MAX_BITS bits (include/tq_lut.h):
-    rows in chunks of SMALL_CODE_ROWS, up to TQ_LUT_MAX_QUERIES queries per pass."""
+                            float[:, ::1] out, bint accumulate, int n_threads, int level) noexcept nogil:
+    """float32 scores of codes with at most TQ_LUT_MAX_BITS bits (include/tq_lut.h)
+    on kernel variant ``level``: rows in chunks of SMALL_CODE_ROWS, up to
+    TQ_LUT_MAX_QUERIES queries per pass."""
     cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
     cdef Py_ssize_t n_chunks = (n + SMALL_CODE_ROWS - 1) // SMALL_CODE_ROWS, c, start, q0
-    cdef int variant = kernel_variant
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
-    for c in prange(n_chunks, num_threads=threads_for_codes(n * m * row_bytes, min(<Py_ssize_t> n_threads, n_chunks)),
-                    schedule="dynamic"):
-        start = c * SMALL_CODE_ROWS
-        q0 = 0
-        while q0 < m:
-            tq_lut_scores(variant, &codes[start, 0], min(<Py_ssize_t> SMALL_CODE_ROWS, n - start), row_bytes, bits,
-                          cents, &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
-                          &scales[start], &out[q0, start], n, accumulate, NULL)
-            q0 = q0 + TQ_LUT_MAX_QUERIES
+    with parallel(num_threads=threads_for_codes(n * m * row_bytes, min(<Py_ssize_t> n_threads, n_chunks))):
+        tq_team_note()
+        for c in prange(n_chunks, schedule="dynamic"):
+            start = c * SMALL_CODE_ROWS
+            q0 = 0
+            while q0 < m:
+                tq_lut_scores(level, &codes[start, 0], min(<Py_ssize_t> SMALL_CODE_ROWS, n - start), row_bytes,
+                              bits, cents, &queries[q0, 0], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q0), d,
+                              &scales[start], &out[q0, start], n, accumulate, NULL)
+                q0 = q0 + TQ_LUT_MAX_QUERIES
 
 
 def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
                        const floating[:, ::1] queries, const double[::1] scales,
-                       floating[:, ::1] out, bint accumulate, int n_threads):
+                       floating[:, ::1] out, bint accumulate, int n_threads, variant=None):
     """Inner products of queries with packed codes, without dequantizing.
 
     ``out[q, i] (+)= scales[i] * sum_j queries[q, j] * centroids[index(i, j)]``.
@@ -159,7 +160,11 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
     out : (m, n), same dtype as ``queries``; overwritten, or added to when
         ``accumulate``
     n_threads : int >= 1
+    variant : str, optional
+        Kernel variant of the float32 path (one of ``_kernel_variants()``); the
+        context's by default.
     """
+    cdef int level = begin_call(variant)
     cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
     cdef Py_ssize_t table_size = table_slots(d, bits) << slot_bits(bits), q0, qn, q, i
@@ -171,7 +176,7 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
         return
     if floating is float:
         if bits <= TQ_LUT_MAX_BITS:
-            small_code_scores(codes, bits, centroids, queries, scales, out, accumulate, n_threads)
+            small_code_scores(codes, bits, centroids, queries, scales, out, accumulate, n_threads, level)
             return
     tables = <double*> malloc(block * table_size * sizeof(double))
     if tables == NULL:
@@ -181,17 +186,20 @@ def lut_inner_products(const uint8_t[:, ::1] codes, int bits, const double[::1] 
             q0 = 0
             while q0 < m:
                 qn = min(block, m - q0)
-                for q in prange(qn, num_threads=threads_for(qn * table_size, min(n_threads, qn)),
-                                schedule="static"):
-                    build_table(&queries[q0 + q, 0], d, bits, &centroids[0], tables + q * table_size)
-                for i in prange(n, num_threads=threads_for(n * table_slots(d, bits) * qn, n_threads),
-                                schedule="static"):
-                    for q in range(qn):
-                        value = scales[i] * score_row(&codes[i, 0], tables + q * table_size, d, bits, row_bytes)
-                        if accumulate:
-                            out[q0 + q, i] = <floating> (out[q0 + q, i] + value)
-                        else:
-                            out[q0 + q, i] = <floating> value
+                with parallel(num_threads=threads_for(qn * table_size, min(n_threads, qn))):
+                    tq_team_note()
+                    for q in prange(qn, schedule="static"):
+                        build_table(&queries[q0 + q, 0], d, bits, &centroids[0], tables + q * table_size)
+                with parallel(num_threads=threads_for(n * table_slots(d, bits) * qn, n_threads)):
+                    tq_team_note()
+                    for i in prange(n, schedule="static"):
+                        for q in range(qn):
+                            value = scales[i] * score_row(&codes[i, 0], tables + q * table_size, d, bits,
+                                                          row_bytes)
+                            if accumulate:
+                                out[q0 + q, i] = <floating> (out[q0 + q, i] + value)
+                            else:
+                                out[q0 + q, i] = <floating> value
                 q0 += qn
     finally:
         free(tables)
@@ -258,25 +266,27 @@ cdef inline void accumulate_chunk(const uint8_t[:, ::1] codes, int bits,
 cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
                                   const float[:, ::1] weights, const double[::1] scales,
                                   double[:, ::1] out, float* partial, Py_ssize_t chunk,
-                                  int team) noexcept nogil:
+                                  int team, int level) noexcept nogil:
     """float32 weighted sums of codes with at most TQ_LUT_MAX_BITS bits
-    (include/tq_lut.h): float32 partial sums per chunk of ``chunk`` rows, added
-    into ``out`` in double, in chunk order."""
+    (include/tq_lut.h) on kernel variant ``level``: float32 partial sums per
+    chunk of ``chunk`` rows, added into ``out`` in double, in chunk order."""
     cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
     cdef Py_ssize_t row_bytes = codes.shape[1], n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t c, q, j, start
-    cdef int variant = kernel_variant
     cdef float cents[16]
     centroids_f32(centroids, bits, cents)
-    for c in prange(n_chunks, num_threads=team, schedule="dynamic"):
-        start = c * chunk
-        memset(partial + c * m * d, 0, m * d * sizeof(float))
-        q = 0
-        while q < m:
-            tq_lut_weighted_sum(variant, &codes[start, 0], min(chunk, n - start), row_bytes, bits, cents,
-                                &weights[q, start], weights.shape[1], min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q),
-                                &scales[start], d, partial + (c * m + q) * d)
-            q = q + TQ_LUT_MAX_QUERIES
+    with parallel(num_threads=team):
+        tq_team_note()
+        for c in prange(n_chunks, schedule="dynamic"):
+            start = c * chunk
+            memset(partial + c * m * d, 0, m * d * sizeof(float))
+            q = 0
+            while q < m:
+                tq_lut_weighted_sum(level, &codes[start, 0], min(chunk, n - start), row_bytes, bits, cents,
+                                    &weights[q, start], weights.shape[1],
+                                    min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, m - q), &scales[start], d,
+                                    partial + (c * m + q) * d)
+                q = q + TQ_LUT_MAX_QUERIES
     for c in range(n_chunks):
         for q in range(m):
             for j in range(d):
@@ -285,7 +295,7 @@ cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const d
 
 def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] centroids,
                      const floating[:, ::1] weights, const double[::1] scales,
-                     double[:, ::1] out, int n_threads):
+                     double[:, ::1] out, int n_threads, variant=None):
     """Weighted sums of dequantized codes without materialising them.
 
     ``out[q, :] = sum_i weights[q, i] * scales[i] * centroids[index(i, :)]``
@@ -307,7 +317,10 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
     scales : (n,) float64
     out : (m, d) float64, written
     n_threads : int >= 1
+    variant : str, optional
+        As for :func:`lut_inner_products`.
     """
+    cdef int level = begin_call(variant)
     cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
     cdef Py_ssize_t row_bytes = codes.shape[1]
     cdef Py_ssize_t chunk = 2048, query_block = 16
@@ -332,7 +345,7 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
                     qn = min(query_block, m - q0)
                     with nogil:
                         small_code_weighted_sum(codes, bits, centroids, weights[q0:q0 + qn], scales,
-                                                out[q0:q0 + qn], partial32, chunk, team)
+                                                out[q0:q0 + qn], partial32, chunk, team, level)
             finally:
                 free(partial32)
             return
@@ -351,11 +364,13 @@ def lut_weighted_sum(const uint8_t[:, ::1] codes, int bits, const double[::1] ce
             q0 = 0
             while q0 < m:
                 qn = min(query_block, m - q0)
-                for c in prange(n_chunks, num_threads=team, schedule="static"):
-                    accumulate_chunk(codes, bits, &centroids[0], weights, scales, q0, qn,
-                                     c * chunk, min((c + 1) * chunk, n), d,
-                                     histograms + tq_thread_num() * row_bytes * 256,
-                                     partial + c * query_block * d)
+                with parallel(num_threads=team):
+                    tq_team_note()
+                    for c in prange(n_chunks, schedule="static"):
+                        accumulate_chunk(codes, bits, &centroids[0], weights, scales, q0, qn,
+                                         c * chunk, min((c + 1) * chunk, n), d,
+                                         histograms + tq_thread_num() * row_bytes * 256,
+                                         partial + c * query_block * d)
                 for c in range(n_chunks):
                     for q in range(qn):
                         for j in range(d):
