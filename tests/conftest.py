@@ -57,3 +57,21 @@ def run_python(*args, timeout=120, **env_vars):
     with tempfile.TemporaryDirectory() as folder:
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                               cwd=folder, timeout=timeout)
+
+
+@pytest.fixture
+def teams(monkeypatch):
+    """``teams(name)`` makes every call of ``_core.<name>`` (from the package too)
+    append the team size it ran with to ``teams.sizes``."""
+    from turboquant._kernels import _core
+
+    def spy(name):
+        kernel = getattr(_core, name)
+
+        def call(*args, **kwargs):
+            kernel(*args, **kwargs)
+            spy.sizes.append(_core._last_team_size())
+        monkeypatch.setattr(_core, name, call)
+
+    spy.sizes = []
+    return spy

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from conftest import random_unit_vectors
 from kv_model import assert_same_snapshot, snapshot, softmax
+from test_kernels import assert_ran_on
 
 from turboquant import (
     CacheStats,
@@ -1093,28 +1094,34 @@ def test_multi_head_stats_are_sums_of_head_stats():
 
 # -- thread-count independence ------------------------------------------------------------------
 @pytest.mark.parametrize("config", [
-    KVCacheConfig(24, sink_tokens=2, residual_tokens=3, outlier_channels=4),
-    KVCacheConfig(24, key_strategy="prod", rotation="hadamard", sketch="hadamard", max_tokens=20),
-    KVCacheConfig(24, key_strategy="prod", key_bits=5, value_bits=2, outlier_channels=(1, 2, 3)),
+    KVCacheConfig(128, sink_tokens=2, residual_tokens=3, outlier_channels=4),
+    KVCacheConfig(128, key_strategy="prod", rotation="hadamard", sketch="hadamard", max_tokens=3000),
+    KVCacheConfig(128, key_strategy="prod", key_bits=5, value_bits=2, outlier_channels=(1, 2, 3)),
 ], ids=["mse-regions", "prod-hadamard", "prod-outliers"])
-def test_results_identical_for_one_and_two_threads(config):
+def test_results_identical_for_one_and_two_threads(config, teams):
+    # 4096 tokens of dim 128 and 16 queries: enough work for the encode, score
+    # and weighted-sum kernels to run on several threads (checked below).
     rng = np.random.default_rng(12)
-    keys, values = rng.standard_normal((61, 24)), rng.standard_normal((61, 24))
-    queries = rng.standard_normal((5, 24))
+    keys, values = rng.standard_normal((4105, 128)), rng.standard_normal((4105, 128))
+    queries = rng.standard_normal((16, 128))
+    for name in ("quantize_pack", "hadamard_quantize_pack", "lut_inner_products", "lut_weighted_sum"):
+        teams(name)
     caches = {}
     for threads in (1, 2):
         cache = caches[threads] = QuantizedKVCache(config)
-        cache.append(keys[:52], values[:52], n_threads=threads)
-        for t in range(52, 61):
+        cache.append(keys[:4096], values[:4096], n_threads=threads)
+        for t in range(4096, 4105):
             cache.push_token(keys[t], values[t], n_threads=threads)
     one, two = caches[1], caches[2]
     for a, b in zip(one.quantized_codes(), two.quantized_codes()):
         assert a == b
     for threads in (1, 2):
-        np.testing.assert_array_equal(one.attention_scores(queries, n_threads=1),
-                                      two.attention_scores(queries, n_threads=threads))
-        np.testing.assert_array_equal(one.attention_output(queries, n_threads=1),
-                                      two.attention_output(queries, n_threads=threads))
+        expected = one.attention_scores(queries, n_threads=1), one.attention_output(queries, n_threads=1)
+        teams.sizes.clear()
+        got = two.attention_scores(queries, n_threads=threads), two.attention_output(queries, n_threads=threads)
+        assert_ran_on(threads, max(teams.sizes))
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(one.attention_weights(queries, n_threads=1),
                                       two.attention_weights(queries, n_threads=threads))
         np.testing.assert_array_equal(one.reconstruct_keys(n_threads=1), two.reconstruct_keys(n_threads=threads))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_python, random_unit_vectors
+from test_kernels import assert_ran_on
 from turboquant import (
     QJL,
     DTypeError,
@@ -24,6 +25,7 @@ from turboquant import (
     TurboQuantError,
     TurboQuantMSE,
     TurboQuantProd,
+    resolve_n_threads,
 )
 
 EPS64 = np.finfo(np.float64).eps
@@ -374,17 +376,22 @@ THREAD_QUANTIZERS = [
 
 @pytest.mark.parametrize("factory", THREAD_QUANTIZERS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_results_do_not_depend_on_thread_count(factory, dtype):
+def test_results_do_not_depend_on_thread_count(factory, dtype, teams):
     # 6000 rows: above the size under which the kernels run on one thread anyway
-    # (2**16 inner steps; the 1-bit sign scoring has 13 bytes per row at d = 97).
+    # (2**16 inner steps; the 1-bit sign scoring has 13 bytes per row at d = 97);
+    # the team sizes of the row kernels show it.
     quantizer = factory()
     x = (random_unit_vectors(6000, 97, 8) * 5.0).astype(dtype)
     queries = random_unit_vectors(5, 97, 9).astype(dtype)
+    for name in ("row_norms", "dequantize_rows", "lut_inner_products"):
+        teams(name)
     results = []
     for n_threads in (1, 2, None):
+        teams.sizes.clear()
         codes = quantizer.quantize(x, n_threads=n_threads)
         results.append((codes, quantizer.dequantize(codes, n_threads=n_threads),
                         quantizer.inner_products(codes, queries, n_threads=n_threads)))
+        assert_ran_on(resolve_n_threads(n_threads), max(teams.sizes))
     for codes, x_hat, scores in results[1:]:
         assert codes == results[0][0]
         assert np.array_equal(x_hat, results[0][1])

@@ -30,22 +30,6 @@ def path(request):
         yield request.param
 
 
-@pytest.fixture
-def teams(monkeypatch):
-    """``teams(name)`` makes every call of ``_core.<name>`` (from the package too)
-    append the team size it ran with to ``teams.sizes``."""
-    def spy(name):
-        kernel = getattr(_core, name)
-
-        def call(*args, **kwargs):
-            kernel(*args, **kwargs)
-            spy.sizes.append(_core._last_team_size())
-        monkeypatch.setattr(_core, name, call)
-
-    spy.sizes = []
-    return spy
-
-
 def random_case(rng, n, dim, bits):
     centroids = np.sort(rng.standard_normal(1 << bits))
     indices = rng.integers(0, 1 << bits, size=(n, dim), dtype=np.uint8)
