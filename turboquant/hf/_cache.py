@@ -305,8 +305,9 @@ class TurboQuantCache(Cache):
         "turboquant"`` on the (text) config given, which the model reads on
         every forward. That function serves this cache's decode steps and
         hands every other call to sdpa, so other caches keep working on the
-        model. ``False`` leaves the config alone: every step then returns
-        dequantized keys and values, as transformers' ``QuantizedCache`` does.
+        model. ``False`` leaves the config alone: unless the model selects
+        ``"turboquant"`` itself, decode steps then return every token
+        dequantized, as transformers' ``QuantizedCache`` does.
     n_threads : int or None, default=None
         Threads of every kernel call (see :func:`turboquant.resolve_n_threads`).
     **options
@@ -382,9 +383,9 @@ class TurboQuantCache(Cache):
 
     @property
     def serves_decode_attention(self):
-        """Whether decode steps go to the ``"turboquant"`` attention function
-        (``fused_attention`` and the model config still selecting it)."""
-        return self.fused_attention and self._text_config._attn_implementation == ATTENTION_NAME
+        """Whether decode steps go to the ``"turboquant"`` attention function:
+        the model config selects it (read on every step)."""
+        return self._text_config._attn_implementation == ATTENTION_NAME
 
     def stats(self):
         """Memory held, in total and per layer (:class:`TurboQuantCacheStats`)."""
