@@ -237,10 +237,6 @@ def _prefixed(prefix, arrays):
     return {prefix + name: array for name, array in arrays.items()}
 
 
-def _rows_in(views):
-    return next(iter(views.values())).shape[0]
-
-
 def _skip_rows(views, count):
     """``views`` without its first ``count`` rows (the same dict when ``count`` is 0)."""
     return views if not count else {name: array[count:] for name, array in views.items()}
@@ -252,12 +248,18 @@ class _Regions:
     __slots__ = ("sinks", "quantized", "recent", "n_sinks", "n_quantized", "n_recent")
 
     def __init__(self, cache, start):
-        n_sinks, n_quantized = len(cache._sinks), len(cache._quantized)
-        self.sinks = _skip_rows(cache._sinks.views(), min(start, n_sinks))
-        self.quantized = _skip_rows(cache._quantized.views(), min(max(start - n_sinks, 0), n_quantized))
-        self.recent = _skip_rows(cache._recent.views(), max(start - n_sinks - n_quantized, 0))
-        self.n_sinks, self.n_quantized, self.n_recent = (
-            _rows_in(self.sinks), _rows_in(self.quantized), _rows_in(self.recent))
+        n_sinks, n_quantized, n_recent = len(cache._sinks), len(cache._quantized), len(cache._recent)
+        self.sinks, self.quantized, self.recent = (
+            cache._sinks.views(), cache._quantized.views(), cache._recent.views())
+        if start:
+            skip_sinks = min(start, n_sinks)
+            skip_quantized = min(max(start - n_sinks, 0), n_quantized)
+            skip_recent = max(start - n_sinks - n_quantized, 0)
+            self.sinks = _skip_rows(self.sinks, skip_sinks)
+            self.quantized = _skip_rows(self.quantized, skip_quantized)
+            self.recent = _skip_rows(self.recent, skip_recent)
+            n_sinks, n_quantized, n_recent = n_sinks - skip_sinks, n_quantized - skip_quantized, n_recent - skip_recent
+        self.n_sinks, self.n_quantized, self.n_recent = n_sinks, n_quantized, n_recent
 
     @property
     def num_tokens(self):
@@ -526,7 +528,9 @@ class QuantizedKVCache:
 
     def _regions(self, start):
         """:class:`_Regions` from held token ``start`` on (checked)."""
-        return _Regions(self, check_int(start, "start", low=0, high=self.num_tokens))
+        if start.__class__ is not int or start:  # the default 0 needs no check
+            start = check_int(start, "start", low=0, high=self.num_tokens)
+        return _Regions(self, start)
 
     def _scores(self, queries, n_threads, regions):
         """(m, regions.num_tokens) raw scores in the queries' dtype, in token order."""
