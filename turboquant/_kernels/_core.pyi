@@ -126,3 +126,26 @@ def standard_normal_from_raw(
     words: npt.NDArray[np.uint64], out: _F64, filled: int
 ) -> int: ...
 def haar_orthogonal(a: _F64, variant: str | None = None) -> None: ...
+def block_quantize_pack(
+    y: _Float,
+    scales: _F64,
+    boundaries: _F64,
+    centroids: _F64,
+    factors: _F64,
+    bits: int,
+    codes: _U8,
+    block_codes: _U8,
+    n_threads: int,
+) -> None: ...
+def block_dequantize(
+    codes: _U8, block_codes: _U8, bits: int, centroids: _F64, factors: _F64, scales: _F64,
+    out: _Float, n_threads: int,
+) -> None: ...
+def block_inner_products(
+    codes: _U8, block_codes: _U8, bits: int, centroids: _F64, factors: _F64, scales: _F64,
+    queries: _Float, out: _Float, n_threads: int,
+) -> None: ...
+def block_weighted_sum(
+    codes: _U8, block_codes: _U8, bits: int, centroids: _F64, factors: _F64, scales: _F64,
+    weights: _F64, out: _F64, n_threads: int,
+) -> None: ...

@@ -28,6 +28,7 @@ from .._errors import (DTypeError, IncompatibleCodesError, InvalidParameterError
 from .._kernels import _core
 from .._validation import (FLOAT32_MAX, FLOAT_DTYPES, check_all_finite, check_choice, check_float_dtype,
                            check_int, readonly)
+from ._block_tables import TABLES as BLOCK_TABLES
 from ._codebook import float32_codebook
 from ._codes import CodeSpec, packed_row_bytes
 from ._rotation import ROTATIONS, SKETCHES, make_rotation, make_sketch
@@ -514,3 +515,104 @@ class QJLCodec(_ArrayCodec):
 
     def _score(self, arrays, queries, out, n_threads):
         self.sketch.score(arrays["signs"], self._weights(arrays), queries, out, False, n_threads)
+
+
+class BlockMSECodec(_ArrayCodec):
+    """Block-scaled ``bits``-bit codes of rotated rows (``TurboQuantMSE(..., block_scales=True)``).
+
+    A row ``x`` is rotated to ``y = Pi x`` and held as ``g = rms(y)`` rounded to
+    float16 (``norms``), per block of BLOCK_SCALE_SIZE coordinates the index of
+    the factor ``f[k]`` of least squared error (``block_scales``, 4 bits each)
+    and per coordinate the index of ``y[j] / (g f[k])`` in a codebook fitted
+    with the factors to Gaussian blocks (``turboquant.quant._block_tables``).
+
+    Parameters
+    ----------
+    dim, seed, rotation
+        As for :class:`MSECodec`.
+    bits : int
+        1..4 (the bit widths of turboquant.quant._block_tables).
+
+    Attributes
+    ----------
+    centroids : (2**bits,) float64, read-only
+    boundaries : (2**bits - 1,) float64, read-only, midpoints of ``centroids``
+    factors : (16,) float64, read-only
+    fitted_distortion : float
+        Relative MSE of the fit on Gaussian vectors (see bench/fit_block_tables.py).
+    rotation : DenseRotation or HadamardRotation
+    spec : CodeSpec
+    """
+
+    def __init__(self, dim, bits, seed, rotation):
+        self.dim = check_int(dim, "dim", low=2, high=MAX_DIM)
+        self.bits = check_int(bits, "bits (block-scaled codes)", low=1, high=max(BLOCK_TABLES))
+        seed = check_int(seed, "seed", low=0)
+        kind = check_choice(rotation, "rotation", ROTATIONS)
+        centroids, factors, self.fitted_distortion = BLOCK_TABLES[self.bits]
+        self.centroids = readonly(np.array(centroids, dtype=np.float64))
+        self.boundaries = readonly((self.centroids[1:] + self.centroids[:-1]) / 2)
+        self.factors = readonly(np.array(factors, dtype=np.float64))
+        self.rotation = make_rotation(kind, self.dim, seed)
+        self.spec = CodeSpec("mse", self.dim, self.bits, seed, kind, block_scales=True)
+        layout = self.spec.row_layout()
+        self.row_bytes, self.block_bytes = layout["indices"][1], layout["block_scales"][1]
+
+    def _tables(self):
+        return self.bits, self.centroids, self.factors
+
+    def quantize(self, rows, n_threads, name="rows"):
+        """``{"indices", "block_scales", "norms"}`` codes of (n, dim) C-contiguous float rows.
+
+        Raises
+        ------
+        NonFiniteError
+            If a row holds NaN or infinity, or its rms overflows float16 (65504).
+        """
+        check_block(rows, name, width=self.dim)
+        n_threads = check_thread_count(n_threads)
+        rotated = np.ascontiguousarray(self.rotation.apply(rows, n_threads))
+        rms = row_norms(rotated, n_threads, name) / math.sqrt(self.dim)
+        with np.errstate(over="ignore"):
+            scales = rms.astype(np.float16)
+        if not np.isfinite(scales).all():
+            raise NonFiniteError(f"{name} has a row whose rms exceeds float16's range (65504); "
+                                 "block-scaled codes store it as float16")
+        n = rows.shape[0]
+        indices = np.empty((n, self.row_bytes), dtype=np.uint8)
+        block_scales = np.empty((n, self.block_bytes), dtype=np.uint8)
+        if n:
+            _core.block_quantize_pack(rotated, scales.astype(np.float64), self.boundaries, self.centroids,
+                                      self.factors, self.bits, indices, block_scales, n_threads)
+        return {"indices": indices, "block_scales": block_scales, "norms": scales}
+
+    def _operands(self, arrays):
+        """``(indices, block_scales, bits, centroids, factors, float64 scales)`` of checked codes."""
+        self.check_arrays(arrays)
+        return (arrays["indices"], arrays["block_scales"], self.bits, self.centroids, self.factors,
+                arrays["norms"].astype(np.float64))
+
+    def dequantize(self, arrays, dtype, n_threads):
+        """(n, dim) reconstruction of ``dtype``."""
+        operands = self._operands(arrays)
+        dtype, n_threads = check_float_dtype(dtype), check_thread_count(n_threads)
+        rotated = np.empty((operands[0].shape[0], self.dim), dtype=dtype)
+        if rotated.shape[0]:
+            _core.block_dequantize(*operands, rotated, n_threads)
+        return self.rotation.inverse(rotated, n_threads)
+
+    def _score(self, arrays, queries, out, n_threads):
+        operands = self._operands(arrays)
+        rotated = np.ascontiguousarray(self.rotation.apply(queries, n_threads))
+        if out.size:
+            _core.block_inner_products(*operands, rotated, out, n_threads)
+
+    def weighted_sum(self, arrays, weights, n_threads):
+        """(m, dim) float64 ``sum_i weights[q, i] * x_hat_i`` for (m, n) C-contiguous float64 ``weights``."""
+        operands = self._operands(arrays)
+        check_block(weights, "weights", width=operands[0].shape[0], dtypes=(F64,))
+        n_threads = check_thread_count(n_threads)
+        rotated = np.empty((weights.shape[0], self.dim))
+        if rotated.size:
+            _core.block_weighted_sum(*operands, weights, rotated, n_threads)
+        return self.rotation.inverse(rotated, n_threads)

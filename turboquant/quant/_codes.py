@@ -21,6 +21,16 @@ SPEC_RULES = {"mse": (1, 8, ROTATIONS, ("",)),
               "qjl": (1, 1, ("",), SKETCHES)}
 
 
+#: Coordinates per block of block-scaled MSE codes, and bits of each block's factor index.
+BLOCK_SCALE_SIZE = 16
+BLOCK_SCALE_BITS = 4
+
+
+def block_count(dim):
+    """Blocks of ``BLOCK_SCALE_SIZE`` coordinates in a row of ``dim`` (the last may be short)."""
+    return (dim + BLOCK_SCALE_SIZE - 1) // BLOCK_SCALE_SIZE
+
+
 def packed_row_bytes(dim, bits):
     """Bytes of one row of ``dim`` indices of ``bits`` bits: ``ceil(dim * bits / 8)``."""
     return (dim * bits + 7) // 8
@@ -44,6 +54,11 @@ class CodeSpec:
         "dense" or "hadamard"; "" for "qjl", which has no rotation.
     sketch : str
         "gaussian" or "hadamard"; "" for "mse", which has no sketch.
+    block_scales : bool
+        Block-scaled MSE codes (``TurboQuantMSE(..., block_scales=True)``): a
+        float16 scale per vector and a 4-bit factor per block of
+        ``BLOCK_SCALE_SIZE`` coordinates instead of a float32 norm. False for
+        every other kind.
     """
 
     kind: str
@@ -52,6 +67,7 @@ class CodeSpec:
     seed: int
     rotation: str = ""
     sketch: str = ""
+    block_scales: bool = False
 
     def __post_init__(self):
         kind = check_choice(self.kind, "kind", tuple(SPEC_RULES))
@@ -61,10 +77,18 @@ class CodeSpec:
         object.__setattr__(self, "seed", check_int(self.seed, "seed", low=0))
         check_choice(self.rotation, f"rotation ({kind} codes)", rotations)
         check_choice(self.sketch, f"sketch ({kind} codes)", sketches)
+        if not isinstance(self.block_scales, (bool, np.bool_)):
+            raise InvalidParameterError(f"block_scales must be True or False, got {self.block_scales!r}")
+        object.__setattr__(self, "block_scales", bool(self.block_scales))
+        if self.block_scales and kind != "mse":
+            raise InvalidParameterError(f"block_scales is an option of mse codes, not {kind}")
 
     def to_dict(self):
-        """The spec as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The spec as a JSON-ready dict (``block_scales`` only when set)."""
+        data = dataclasses.asdict(self)
+        if not self.block_scales:
+            del data["block_scales"]
+        return data
 
     @classmethod
     def from_dict(cls, data):
@@ -83,6 +107,10 @@ class CodeSpec:
     def row_layout(self):
         """``{array name: (dtype, bytes or items per row)}`` of codes with this spec."""
         sign_bytes = packed_row_bytes(self.dim, 1)
+        if self.kind == "mse" and self.block_scales:
+            return {"indices": (np.uint8, packed_row_bytes(self.dim, self.bits)),
+                    "block_scales": (np.uint8, packed_row_bytes(block_count(self.dim), BLOCK_SCALE_BITS)),
+                    "norms": (np.float16, None)}
         if self.kind == "mse":
             return {"indices": (np.uint8, packed_row_bytes(self.dim, self.bits)),
                     "norms": (np.float32, None)}
@@ -266,7 +294,7 @@ class Codes:
 
     @property
     def norms(self):
-        """(n,) float32 norms of the original vectors (read-only)."""
+        """(n,) float32 norms of the original vectors (float16 scales of block-scaled codes; read-only)."""
         return self._arrays["norms"]
 
     def __eq__(self, other):
@@ -283,7 +311,12 @@ class Codes:
 
 
 class MSECodes(Codes):
-    """Codes of :class:`TurboQuantMSE`: ``indices`` (n, ceil(d*b/8)) uint8 and ``norms`` (n,) float32."""
+    """Codes of :class:`TurboQuantMSE`: ``indices`` (n, ceil(d*b/8)) uint8 and ``norms`` (n,) float32.
+
+    Block-scaled codes (``spec.block_scales``) hold ``norms`` as (n,) float16
+    scales (the rms of the rotated vector) and ``block_scales``, the packed
+    4-bit factor index of each block of 16 coordinates.
+    """
 
     kind = "mse"
 
@@ -291,6 +324,11 @@ class MSECodes(Codes):
     def indices(self):
         """(n, ceil(dim*bits/8)) uint8 bit-packed centroid indices (read-only)."""
         return self._arrays["indices"]
+
+    @property
+    def block_scales(self):
+        """(n, ceil(ceil(dim/16)/2)) uint8 packed 4-bit block factor indices, or None (read-only)."""
+        return self._arrays.get("block_scales")
 
 
 class ProdCodes(Codes):
