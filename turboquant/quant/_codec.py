@@ -16,7 +16,9 @@ Three kinds of codec share one array-level interface over
 also exposes the rotated-domain block operations (``encode``,
 ``decode_rotated``, ``score_rotated``, ``weighted_sum``, ``rotate``,
 ``unrotate``, ``small_rotation``, ``attention_operands``) that the KV cache and
-a search index build on.
+a search index build on. :class:`BlockMSECodec` is the block-scaled variant
+(``TurboQuantMSE(..., block_scales=True)``), with the array-level interface and
+``weighted_sum``.
 """
 
 import math
