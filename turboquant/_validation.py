@@ -48,6 +48,13 @@ def check_float_dtype(dtype, name="dtype"):
     return dtype
 
 
+def check_bool(value, name):
+    """Return ``value`` as a bool when it is a Python or numpy bool, else raise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidParameterError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_choice(value, name, choices):
     """Return ``value`` when it is one of ``choices`` (strings), else raise."""
     if not isinstance(value, str) or value not in choices:

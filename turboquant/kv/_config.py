@@ -4,11 +4,10 @@ import dataclasses
 import enum
 import json
 
-import numpy as np
 
 from .._errors import InvalidParameterError
 from ..quant._rotation import ROTATIONS, SKETCHES
-from .._validation import check_choice, check_int
+from .._validation import check_bool, check_choice, check_int
 
 
 class QuantStrategy(str, enum.Enum):
@@ -127,9 +126,7 @@ class KVCacheConfig:
                 f"max_tokens ({self.max_tokens}) must exceed sink_tokens ({self.sink_tokens})")
         put("rotation", check_choice(self.rotation, "rotation", ROTATIONS))
         put("sketch", check_choice(self.sketch, "sketch", SKETCHES))
-        if not isinstance(self.center_keys, (bool, np.bool_)):
-            raise InvalidParameterError(f"center_keys must be True or False, got {self.center_keys!r}")
-        put("center_keys", bool(self.center_keys))
+        put("center_keys", check_bool(self.center_keys, "center_keys"))
         put("outlier_channels", self._check_outliers(self.outlier_channels))
         if self.outlier_bits is None:
             put("outlier_bits", min(self.key_bits + 1, 8))

@@ -560,9 +560,6 @@ class BlockMSECodec(_ArrayCodec):
         layout = self.spec.row_layout()
         self.row_bytes, self.block_bytes = layout["indices"][1], layout["block_scales"][1]
 
-    def _tables(self):
-        return self.bits, self.centroids, self.factors
-
     def quantize(self, rows, n_threads, name="rows"):
         """``{"indices", "block_scales", "norms"}`` codes of (n, dim) C-contiguous float rows.
 
@@ -573,7 +570,7 @@ class BlockMSECodec(_ArrayCodec):
         """
         check_block(rows, name, width=self.dim)
         n_threads = check_thread_count(n_threads)
-        rotated = np.ascontiguousarray(self.rotation.apply(rows, n_threads))
+        rotated = self.rotation.apply(rows, n_threads)
         rms = row_norms(rotated, n_threads, name) / math.sqrt(self.dim)
         with np.errstate(over="ignore"):
             scales = rms.astype(np.float16)
@@ -605,7 +602,7 @@ class BlockMSECodec(_ArrayCodec):
 
     def _score(self, arrays, queries, out, n_threads):
         operands = self._operands(arrays)
-        rotated = np.ascontiguousarray(self.rotation.apply(queries, n_threads))
+        rotated = self.rotation.apply(queries, n_threads)
         if out.size:
             _core.block_inner_products(*operands, rotated, out, n_threads)
 

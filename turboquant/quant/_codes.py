@@ -12,7 +12,7 @@ import operator
 import numpy as np
 
 from .._errors import CorruptPayloadError, IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError
-from .._validation import check_choice, check_int, readonly
+from .._validation import check_bool, check_choice, check_int, readonly
 from ._rotation import ROTATIONS, SKETCHES
 
 #: ``kind: (lowest bits, highest bits, rotations, sketches)`` of valid specs.
@@ -77,9 +77,7 @@ class CodeSpec:
         object.__setattr__(self, "seed", check_int(self.seed, "seed", low=0))
         check_choice(self.rotation, f"rotation ({kind} codes)", rotations)
         check_choice(self.sketch, f"sketch ({kind} codes)", sketches)
-        if not isinstance(self.block_scales, (bool, np.bool_)):
-            raise InvalidParameterError(f"block_scales must be True or False, got {self.block_scales!r}")
-        object.__setattr__(self, "block_scales", bool(self.block_scales))
+        object.__setattr__(self, "block_scales", check_bool(self.block_scales, "block_scales"))
         if self.block_scales and kind != "mse":
             raise InvalidParameterError(f"block_scales is an option of mse codes, not {kind}")
 

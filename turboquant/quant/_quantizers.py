@@ -11,9 +11,9 @@ import numpy as np
 
 from .._errors import InvalidParameterError
 from .._threads import resolve_n_threads
-from .._validation import as_rows, check_float_dtype
+from .._validation import as_rows, check_bool, check_float_dtype
 from ._codec import BlockMSECodec, MSECodec, ProdCodec, QJLCodec
-from ._codes import BLOCK_SCALE_BITS, MSECodes, ProdCodes, QJLCodes, block_count, packed_row_bytes
+from ._codes import MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 
 
 class _Quantizer:
@@ -156,9 +156,7 @@ class TurboQuantMSE(_Quantizer):
     codes_type = MSECodes
 
     def __init__(self, dim, bits, *, seed=0, rotation="dense", block_scales=False):
-        if not isinstance(block_scales, (bool, np.bool_)):
-            raise InvalidParameterError(f"block_scales must be True or False, got {block_scales!r}")
-        codec = BlockMSECodec if block_scales else MSECodec
+        codec = BlockMSECodec if check_bool(block_scales, "block_scales") else MSECodec
         self._adopt(codec(dim, bits, seed, rotation))
 
     def _adopt(self, codec):
@@ -190,10 +188,8 @@ class TurboQuantMSE(_Quantizer):
     def code_bytes(self):
         """Bytes per stored vector: packed indices plus a float32 norm (block-scaled codes:
         plus the packed block factors and a float16 scale)."""
-        if self.block_scales:
-            return (packed_row_bytes(self.dim, self.bits)
-                    + packed_row_bytes(block_count(self.dim), BLOCK_SCALE_BITS) + 2)
-        return packed_row_bytes(self.dim, self.bits) + 4
+        return sum(np.dtype(dtype).itemsize if width is None else width
+                   for dtype, width in self.spec.row_layout().values())
 
     def __repr__(self):
         extra = ", block_scales=True" if self.block_scales else ""
