@@ -24,19 +24,57 @@ cdef inline Py_ssize_t small_code_chunk(Py_ssize_t n) noexcept nogil:
 DEF ATTENTION_QUERY_BLOCK = 16
 
 
-cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py_ssize_t key_bytes,
-                            int key_bits, const float* key_cents, const uint8_t* value_codes,
-                            const float* value_norms, Py_ssize_t value_bytes, int value_bits,
-                            const float* value_cents, Py_ssize_t n, const float* queries,
-                            Py_ssize_t m, Py_ssize_t d, const float* key_rotation,
-                            const float* value_rotation, double scale, float* out,
+cdef struct coded_rows:
+    # One side (keys or values) of the fused attention: n rows of packed
+    # ``bits``-bit codes and float32 norms, and optionally block-scale codes
+    # (``blocks`` NULL for plain MSE codes).
+    const uint8_t* codes
+    const float* norms
+    Py_ssize_t row_bytes
+    int bits
+    float centroids[16]
+    const uint8_t* blocks
+    Py_ssize_t block_bytes
+    float factors[16]
+
+
+cdef inline void rows_scores(int level, const coded_rows* rows, Py_ssize_t start, Py_ssize_t count,
+                             const float* queries, Py_ssize_t m, Py_ssize_t d, const double* scales,
+                             float* out, Py_ssize_t out_stride, float* high) noexcept nogil:
+    """Scores of rows ``start .. start + count - 1`` (tq_lut_scores or tq_block_scores)."""
+    if rows.blocks == NULL:
+        tq_lut_scores(level, rows.codes + start * rows.row_bytes, count, rows.row_bytes, rows.bits,
+                      rows.centroids, queries, m, d, scales + start, out, out_stride, 0, high)
+    else:
+        tq_block_scores(level, rows.codes + start * rows.row_bytes, rows.blocks + start * rows.block_bytes,
+                        count, rows.row_bytes, rows.block_bytes, rows.bits, rows.centroids, rows.factors,
+                        queries, m, d, scales + start, out, out_stride, 0, high)
+
+
+cdef inline void rows_weighted_sum(int level, const coded_rows* rows, Py_ssize_t start, Py_ssize_t count,
+                                   const float* weights, Py_ssize_t weight_stride, Py_ssize_t m,
+                                   const double* scales, Py_ssize_t d, float* acc) noexcept nogil:
+    """Weighted sums of rows ``start .. start + count - 1`` (tq_lut_weighted_sum or tq_block_weighted_sum)."""
+    if rows.blocks == NULL:
+        tq_lut_weighted_sum(level, rows.codes + start * rows.row_bytes, count, rows.row_bytes, rows.bits,
+                            rows.centroids, weights, weight_stride, m, scales + start, d, acc)
+    else:
+        tq_block_weighted_sum(level, rows.codes + start * rows.row_bytes, rows.blocks + start * rows.block_bytes,
+                              count, rows.row_bytes, rows.block_bytes, rows.bits, rows.centroids, rows.factors,
+                              weights, weight_stride, m, scales + start, d, acc)
+
+
+cdef int attend_small_codes(const coded_rows* keys, const coded_rows* values, Py_ssize_t n,
+                            const float* queries, Py_ssize_t m, Py_ssize_t d, const float* key_rotation,
+                            const float* value_rotation, double scale, float* out, float* lse,
                             int n_threads, int level) noexcept nogil:
     """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous,
     either rotation NULL for none) on kernel variant ``level``; ``out`` (m, d) is
-    written. Returns -1 when out of memory, else 0."""
+    written, and ``lse`` (m,) too unless NULL. Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK), c, q, q0, i, j, start, count, b0, mb
-    cdef int team = threads_for_codes(n * m * (key_bytes + value_bytes), min(<Py_ssize_t> n_threads, n_chunks))
+    cdef Py_ssize_t code_bytes = keys.row_bytes + values.row_bytes + keys.block_bytes + values.block_bytes
+    cdef int team = threads_for_codes(n * m * code_bytes, min(<Py_ssize_t> n_threads, n_chunks))
     cdef float high
     cdef double total
     # All scratch in one block: the doubles first, then the floats.
@@ -57,8 +95,8 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
         tq_small_product_f(level, queries, m, d, key_rotation, rotated)
         queries = rotated
     for i in range(n):
-        scales[i] = key_norms[i] * scale        # the scores come out as logits
-        scales[n + i] = value_norms[i]
+        scales[i] = keys.norms[i] * scale        # the scores come out as logits
+        scales[n + i] = values.norms[i]
     b0 = 0
     while b0 < m:
         mb = min(block, m - b0)
@@ -72,10 +110,9 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                     chunk_max[c * mb + q] = -INFINITY
                 q0 = 0
                 while q0 < mb:
-                    tq_lut_scores(level, key_codes + start * key_bytes, count, key_bytes, key_bits, key_cents,
-                                  queries + (b0 + q0) * d, min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0),
-                                  d, scales + start, logits + q0 * n + start, n, 0,
-                                  chunk_max + c * mb + q0)
+                    rows_scores(level, keys, start, count, queries + (b0 + q0) * d,
+                                min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), d, scales,
+                                logits + q0 * n + start, n, chunk_max + c * mb + q0)
                     q0 = q0 + TQ_LUT_MAX_QUERIES
         # Numerators exp(logit - max) and their weighted sums, per chunk.
         with parallel(num_threads=team):
@@ -91,21 +128,25 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
                 memset(partial + c * mb * d, 0, mb * d * sizeof(float))
                 q0 = 0
                 while q0 < mb:
-                    tq_lut_weighted_sum(level, value_codes + start * value_bytes, count, value_bytes,
-                                        value_bits, value_cents, logits + q0 * n + start, n,
-                                        min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), scales + n + start, d,
-                                        partial + (c * mb + q0) * d)
+                    rows_weighted_sum(level, values, start, count, logits + q0 * n + start, n,
+                                      min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), scales + n, d,
+                                      partial + (c * mb + q0) * d)
                     q0 = q0 + TQ_LUT_MAX_QUERIES
         for q in range(mb):
             for j in range(d):
                 acc[j] = 0.0
             total = 0.0
+            high = chunk_max[q]
             for c in range(n_chunks):
                 total = total + chunk_sum[c * mb + q]
+                if chunk_max[c * mb + q] > high:
+                    high = chunk_max[c * mb + q]
                 for j in range(d):
                     acc[j] += partial[(c * mb + q) * d + j]
             for j in range(d):
                 target[(b0 + q) * d + j] = <float> (acc[j] / total)
+            if lse != NULL:
+                lse[b0 + q] = <float> (high + log(total))
         b0 = b0 + block
     if value_rotation != NULL:
         tq_small_product_f(level, target, m, d, value_rotation, out)
@@ -113,12 +154,37 @@ cdef int attend_small_codes(const uint8_t* key_codes, const float* key_norms, Py
     return 0
 
 
+cdef set_coded_rows(coded_rows* rows, const uint8_t* codes, const float* norms, Py_ssize_t row_bytes,
+                    int bits, const double[::1] centroids, const uint8_t* blocks, Py_ssize_t block_bytes,
+                    const double[::1] factors):
+    """Fill ``rows`` (the float32 tables from the float64 ones; ``blocks`` NULL for plain codes)."""
+    if not 1 <= bits <= 4 or centroids.shape[0] != (1 << bits):
+        raise ValueError(f"fused attention reads 1..4-bit codes with 2**bits centroids, got bits={bits}")
+    rows.codes, rows.norms, rows.row_bytes, rows.bits = codes, norms, row_bytes, bits
+    rows.blocks, rows.block_bytes = blocks, (block_bytes if blocks != NULL else 0)
+    centroids_f32(centroids, bits, rows.centroids)
+    memset(rows.factors, 0, sizeof(rows.factors))
+    if blocks != NULL:
+        if factors is None or factors.shape[0] != 16:
+            raise ValueError("block-scale codes need 16 factors")
+        for j in range(16):
+            rows.factors[j] = <float> factors[j]
+
+
+cdef check_block_codes(const uint8_t[:, ::1] blocks, Py_ssize_t n, Py_ssize_t d):
+    if blocks is not None and (blocks.shape[0] != n or blocks.shape[1] != (((d + 15) // 16) * 4 + 7) // 8):
+        raise ValueError(f"block-scale codes must be ({n}, {(((d + 15) // 16) * 4 + 7) // 8}), "
+                         f"got ({blocks.shape[0]}, {blocks.shape[1]})")
+
+
 def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
                          const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
                          const double[::1] value_centroids, const float[::1] value_norms,
                          const float[:, ::1] queries, const float[:, ::1] key_rotation,
                          const float[:, ::1] value_rotation, double scale, float[:, ::1] out,
-                         int n_threads, variant=None):
+                         int n_threads, variant=None, *, const uint8_t[:, ::1] key_block_scales=None,
+                         const double[::1] key_factors=None, const uint8_t[:, ::1] value_block_scales=None,
+                         const double[::1] value_factors=None, float[::1] lse=None):
     """Softmax attention over MSE-coded keys and values in one pass, float32.
 
     ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
@@ -126,7 +192,9 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     in the codes' rotated domains: ``queries`` are rotated like the keys, or
     are rotated here first as ``queries @ key_rotation``; ``out`` is in the
     values' domain, or is mapped back here as ``... @ value_rotation`` (both
-    small products, :func:`small_product`). For each block of up to 16 queries, the
+    small products, :func:`small_product`). Block-scaled codes (either side)
+    multiply coordinate ``j`` of row ``i`` by ``factors[k(i, j // 16)]`` too
+    (include/tq_block.h). For each block of up to 16 queries, the
     scores and their maxima, then the softmax numerators (a float32
     exponential) and weighted sums are computed per chunk of rows in two
     parallel loops; chunk sums are combined in chunk order, so the result does
@@ -146,26 +214,40 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     n_threads : int >= 1
     variant : str, optional
         Kernel variant (one of ``_kernel_variants()``); the context's by default.
+    key_block_scales, value_block_scales : (n, ceil(ceil(d/16)*4/8)) uint8, optional
+        4-bit factor indices per block of 16 coordinates; None for plain codes.
+    key_factors, value_factors : (16,) float64, optional
+        The factors, with the block scales.
+    lse : (m,) float32, optional
+        Written with ``log(sum_i exp(scale * <queries[q], k_i>))`` per query, so
+        that the caller can merge this softmax with one over other rows.
     """
     cdef int level = begin_call(variant)
     cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
-    cdef float key_cents[16]
-    cdef float value_cents[16]
+    cdef coded_rows keys, values
     cdef int status
     check_rotation(key_rotation, d)
     check_rotation(value_rotation, d)
+    check_block_codes(key_block_scales, n, d)
+    check_block_codes(value_block_scales, n, d)
+    if lse is not None and lse.shape[0] != m:
+        raise ValueError(f"lse must have {m} entries, got {lse.shape[0]}")
     out[:, :] = 0.0
+    if lse is not None:
+        lse[:] = -INFINITY
     if n == 0 or m == 0:
         return
-    centroids_f32(key_centroids, key_bits, key_cents)
-    centroids_f32(value_centroids, value_bits, value_cents)
+    set_coded_rows(&keys, &key_codes[0, 0], &key_norms[0], key_codes.shape[1], key_bits, key_centroids,
+                   NULL if key_block_scales is None else &key_block_scales[0, 0],
+                   0 if key_block_scales is None else key_block_scales.shape[1], key_factors)
+    set_coded_rows(&values, &value_codes[0, 0], &value_norms[0], value_codes.shape[1], value_bits,
+                   value_centroids, NULL if value_block_scales is None else &value_block_scales[0, 0],
+                   0 if value_block_scales is None else value_block_scales.shape[1], value_factors)
     with nogil:
-        status = attend_small_codes(&key_codes[0, 0], &key_norms[0], key_codes.shape[1], key_bits,
-                                    key_cents, &value_codes[0, 0], &value_norms[0], value_codes.shape[1],
-                                    value_bits, value_cents, n, &queries[0, 0], m, d,
+        status = attend_small_codes(&keys, &values, n, &queries[0, 0], m, d,
                                     NULL if key_rotation is None else &key_rotation[0, 0],
                                     NULL if value_rotation is None else &value_rotation[0, 0],
-                                    scale, &out[0, 0], n_threads, level)
+                                    scale, &out[0, 0], NULL if lse is None else &lse[0], n_threads, level)
     if status < 0:
         raise MemoryError()
 
@@ -176,7 +258,11 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
                                Py_ssize_t value_bytes, int value_bits, const double[::1] value_centroids,
                                Py_ssize_t n, const float[:, :, ::1] queries,
                                const uintptr_t[::1] key_rotations, const uintptr_t[::1] value_rotations,
-                               double scale, float[:, :, ::1] out, int n_threads, variant=None):
+                               double scale, float[:, :, ::1] out, int n_threads, variant=None, *,
+                               const uintptr_t[::1] key_block_scales=None, Py_ssize_t key_block_bytes=0,
+                               const double[::1] key_factors=None,
+                               const uintptr_t[::1] value_block_scales=None, Py_ssize_t value_block_bytes=0,
+                               const double[::1] value_factors=None, float[:, ::1] lse=None):
     """:func:`small_code_attention` for every head of a multi-head cache in one call.
 
     Head ``h`` (one thread per head, the heads spread over the team) attends
@@ -204,11 +290,16 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     n_threads : int >= 1
     variant : str, optional
         As for :func:`small_code_attention`.
+    key_block_scales, value_block_scales : (heads,) uintptr, optional
+        Addresses of every head's block-scale codes (``*_block_bytes`` per row).
+    key_factors, value_factors : (16,) float64, optional
+    lse : (heads, m) float32, optional
+        Every head's log-sum-exp, as for :func:`small_code_attention`.
     """
     cdef int level = begin_call(variant)
     cdef Py_ssize_t heads = queries.shape[0], m = queries.shape[1], d = queries.shape[2], h
-    cdef float key_cents[16]
-    cdef float value_cents[16]
+    cdef coded_rows* sides
+    cdef coded_rows key_base, value_base
     cdef int failed = 0
     check_addresses(key_codes, heads)
     check_addresses(key_norms, heads)
@@ -216,24 +307,42 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     check_addresses(value_norms, heads)
     check_addresses(key_rotations, heads)
     check_addresses(value_rotations, heads)
+    check_addresses(key_block_scales, heads)
+    check_addresses(value_block_scales, heads)
+    if lse is not None and (lse.shape[0] != heads or lse.shape[1] != m):
+        raise ValueError(f"lse must be ({heads}, {m}), got ({lse.shape[0]}, {lse.shape[1]})")
     out[:, :, :] = 0.0
+    if lse is not None:
+        lse[:, :] = -INFINITY
     if n == 0 or m == 0 or heads == 0:
         return
-    centroids_f32(key_centroids, key_bits, key_cents)
-    centroids_f32(value_centroids, value_bits, value_cents)
-    with nogil, parallel(num_threads=threads_for_codes(heads * n * m * (key_bytes + value_bytes),
-                                                     min(<Py_ssize_t> n_threads, heads))):
+    # The tables once; every head's sides are copies with its own pointers.
+    set_coded_rows(&key_base, NULL, NULL, key_bytes, key_bits, key_centroids,
+                   <const uint8_t*> (1 if key_block_scales is not None else 0), key_block_bytes, key_factors)
+    set_coded_rows(&value_base, NULL, NULL, value_bytes, value_bits, value_centroids,
+                   <const uint8_t*> (1 if value_block_scales is not None else 0), value_block_bytes,
+                   value_factors)
+    sides = <coded_rows*> malloc(2 * heads * sizeof(coded_rows))
+    if sides == NULL:
+        raise MemoryError()
+    for h in range(heads):
+        sides[2 * h] = key_base
+        sides[2 * h].codes, sides[2 * h].norms = <const uint8_t*> key_codes[h], <const float*> key_norms[h]
+        sides[2 * h].blocks = NULL if key_block_scales is None else <const uint8_t*> key_block_scales[h]
+        sides[2 * h + 1] = value_base
+        sides[2 * h + 1].codes = <const uint8_t*> value_codes[h]
+        sides[2 * h + 1].norms = <const float*> value_norms[h]
+        sides[2 * h + 1].blocks = NULL if value_block_scales is None else <const uint8_t*> value_block_scales[h]
+    with nogil, parallel(num_threads=threads_for_codes(
+            heads * n * m * (key_bytes + value_bytes + key_base.block_bytes + value_base.block_bytes),
+            min(<Py_ssize_t> n_threads, heads))):
         tq_team_note()
         for h in prange(heads, schedule="dynamic"):
-            if attend_small_codes(<const uint8_t*> key_codes[h], <const float*> key_norms[h], key_bytes,
-                                  key_bits, key_cents, <const uint8_t*> value_codes[h],
-                                  <const float*> value_norms[h], value_bytes, value_bits, value_cents, n,
-                                  &queries[h, 0, 0], m, d,
+            if attend_small_codes(&sides[2 * h], &sides[2 * h + 1], n, &queries[h, 0, 0], m, d,
                                   NULL if key_rotations is None else <const float*> key_rotations[h],
                                   NULL if value_rotations is None else <const float*> value_rotations[h],
-                                  scale, &out[h, 0, 0], 1, level) < 0:
+                                  scale, &out[h, 0, 0], NULL if lse is None else &lse[h, 0], 1, level) < 0:
                 failed += 1
+    free(sides)
     if failed:
         raise MemoryError()
-
-

@@ -3,7 +3,7 @@
 # inline helpers and, through ``cimport *``, the cimports below (not cython.parallel's
 # prange and parallel, which each .pyx cimports itself). It has no module of its own.
 from cython cimport floating
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, log
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -61,6 +61,18 @@ cdef extern from "tq_lut.h" nogil:
                              const float* centroids, const float* weights, Py_ssize_t weight_stride,
                              Py_ssize_t m, const double* scales, Py_ssize_t d, float* acc)
     double tq_exp_shifted(int variant, float* x, Py_ssize_t n, float shift)
+
+cdef extern from "tq_block.h" nogil:
+    void tq_block_scores(int variant, const uint8_t* codes, const uint8_t* block_codes, Py_ssize_t n,
+                         Py_ssize_t row_bytes, Py_ssize_t block_bytes, int bits, const float* centroids,
+                         const float* factors, const float* queries, Py_ssize_t m, Py_ssize_t d,
+                         const double* scales, float* out, Py_ssize_t out_stride, int accumulate,
+                         float* high)
+    void tq_block_weighted_sum(int variant, const uint8_t* codes, const uint8_t* block_codes, Py_ssize_t n,
+                               Py_ssize_t row_bytes, Py_ssize_t block_bytes, int bits,
+                               const float* centroids, const float* factors, const float* weights,
+                               Py_ssize_t weight_stride, Py_ssize_t m, const double* scales, Py_ssize_t d,
+                               float* acc)
 
 cdef extern from "tq_random.h" nogil:
     Py_ssize_t tq_standard_normal_from_raw(const uint64_t* words, Py_ssize_t n_words,

@@ -100,6 +100,12 @@ def small_code_attention(
     out: npt.NDArray[np.float32],
     n_threads: int,
     variant: str | None = None,
+    *,
+    key_block_scales: _U8 | None = None,
+    key_factors: _F64 | None = None,
+    value_block_scales: _U8 | None = None,
+    value_factors: _F64 | None = None,
+    lse: npt.NDArray[np.float32] | None = None,
 ) -> None: ...
 def small_code_attention_heads(
     key_codes: npt.NDArray[np.uintp],
@@ -120,6 +126,14 @@ def small_code_attention_heads(
     out: npt.NDArray[np.float32],
     n_threads: int,
     variant: str | None = None,
+    *,
+    key_block_scales: npt.NDArray[np.uintp] | None = None,
+    key_block_bytes: int = 0,
+    key_factors: _F64 | None = None,
+    value_block_scales: npt.NDArray[np.uintp] | None = None,
+    value_block_bytes: int = 0,
+    value_factors: _F64 | None = None,
+    lse: npt.NDArray[np.float32] | None = None,
 ) -> None: ...
 def small_product(x: _Float, matrix: _Float, out: _Float, variant: str | None = None) -> None: ...
 def standard_normal_from_raw(

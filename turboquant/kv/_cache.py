@@ -4,6 +4,7 @@ Token order inside a cache is chronological and made of three regions::
 
     [ sink tokens | quantized tokens | recent tokens ]
       float32       packed codes       float32
+      (or float16)                     (or float16)
 
 Sink tokens (the first ``sink_tokens`` ever appended) are never evicted;
 recent tokens (the newest ``residual_tokens``) are quantized when they age
@@ -12,7 +13,9 @@ out; the sliding window (``max_tokens``) evicts the oldest non-sink tokens.
 The read path never dequantizes: scores rotate each query once and read the
 packed key codes through lookup tables; attention outputs accumulate
 softmax-weighted value centroids in the rotated domain and rotate back once
-per query.
+per query. Sink and recent tokens are exact rows: the fused kernel returns each
+query's log-sum-exp over the coded rows, and the few exact rows are merged
+into its softmax.
 """
 
 import copy
@@ -25,7 +28,7 @@ from .._kernels import _core
 from .._errors import (IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
                        LengthMismatchError, NonFiniteError, ShapeError)
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
-from ..quant._codec import F32, SMALL_CODE_BITS, MSECodec, ProdCodec, check_block
+from ..quant._codec import F32, SMALL_CODE_BITS, BlockMSECodec, MSECodec, ProdCodec, check_block
 from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
@@ -33,6 +36,7 @@ from .._threads import resolve_n_threads
 from .._validation import FLOAT32_MAX, as_array, as_rows, check_float_dtype, check_int, check_real_dtype
 
 FULL_PRECISION = np.float32
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 VALUE_PREFIX = "value."
 
 
@@ -89,7 +93,7 @@ class _KeyCodec:
         # The public quantizers over the same codecs.
         self.main_quantizer, self.outlier_quantizer = self._quantizer(self.main), self._quantizer(self.outlier)
         self._views = _DerivedViews()
-        self._small = (self.outlier is None and isinstance(self.main, MSECodec)
+        self._small = (self.outlier is None and isinstance(self.main, (MSECodec, BlockMSECodec))
                        and self.main.bits <= SMALL_CODE_BITS)
         self.reset()
 
@@ -97,7 +101,7 @@ class _KeyCodec:
         c = self.config
         if c.key_strategy is QuantStrategy.PROD:
             return ProdCodec(dim, bits, seed, c.rotation, c.sketch)
-        return MSECodec(dim, bits, seed, c.rotation)
+        return _mse_codec(c, dim, bits, seed)
 
     @staticmethod
     def _quantizer(codec):
@@ -193,11 +197,16 @@ class _KeyCodec:
         return _codes_view(self.main, main), None if outlier is None else _codes_view(self.outlier, outlier)
 
 
+def _mse_codec(config, dim, bits, seed):
+    """The MSE codec of ``config``: block-scaled or the paper's."""
+    return (BlockMSECodec if config.block_scales else MSECodec)(dim, bits, seed, config.rotation)
+
+
 class _ValueCodec:
-    """Value quantization with :class:`MSECodec`."""
+    """Value quantization with :class:`MSECodec` or :class:`BlockMSECodec`."""
 
     def __init__(self, config):
-        self.codec = MSECodec(config.dim, config.value_bits, config.seed + 2, config.rotation)
+        self.codec = _mse_codec(config, config.dim, config.value_bits, config.seed + 2)
         self.quantizer = TurboQuantMSE._of(self.codec)
         self.layout = _layout_of(self.codec, VALUE_PREFIX)
         self._views = _DerivedViews()
@@ -210,6 +219,8 @@ class _ValueCodec:
 
     def weighted_sum(self, views, weights, n_threads):
         arrays = self.arrays(views)
+        if isinstance(self.codec, BlockMSECodec):
+            return self.codec.weighted_sum(arrays, np.ascontiguousarray(weights, dtype=np.float64), n_threads)
         return self.codec.weighted_sum(arrays["indices"], arrays["norms"], weights, n_threads)
 
     def small_codes(self, views):
@@ -297,7 +308,7 @@ class QuantizedKVCache:
     Keys and values of any finite norm that fits float32 are accepted (norms
     are stored as float32; larger ones raise NonFiniteError). Every method that changes the cache validates all of its input
     first: on any error the cache is left exactly as it was. Sink and recent
-    tokens are held as float32. Heavy methods take ``n_threads`` (see
+    tokens are held as ``config.residual_dtype`` (float32 by default). Heavy methods take ``n_threads`` (see
     :func:`turboquant.resolve_n_threads`); results do not depend on it.
     """
 
@@ -307,7 +318,8 @@ class QuantizedKVCache:
         self.config = config
         self._keys = _KeyCodec(config)
         self._values = _ValueCodec(config)
-        full = {"k": (FULL_PRECISION, (config.dim,)), "v": (FULL_PRECISION, (config.dim,))}
+        self._residual_dtype = np.dtype(config.residual_dtype)
+        full = {"k": (self._residual_dtype, (config.dim,)), "v": (self._residual_dtype, (config.dim,))}
         self._sinks = RowBuffer(full)
         self._recent = RowBuffer(full)
         self._quantized = RowBuffer({**self._keys.layout, **self._values.layout})
@@ -368,6 +380,9 @@ class QuantizedKVCache:
     # -- writing -------------------------------------------------------------------
     def _rows(self, array, name):
         rows, _ = as_rows(array, self.config.dim, name)
+        if self._residual_dtype == np.float16 and rows.size and float(np.abs(rows).max()) > FLOAT16_MAX:
+            raise NonFiniteError(f"{name} has a value beyond float16's range (65504); "
+                                 "residual_dtype='float16' stores sink and recent tokens as float16")
         # Every token may end up stored as float32 (sink and recent tokens) or
         # with a float32 norm (quantized tokens): refuse what float32 cannot hold.
         if rows.size and float(np.abs(rows).max()) * math.sqrt(self.config.dim) > FLOAT32_MAX:
@@ -396,10 +411,10 @@ class QuantizedKVCache:
         plan.sink_keys, plan.sink_values = keys[:take_sinks], values[:take_sinks]
         rest_k, rest_v = keys[take_sinks:], values[take_sinks:]
         if c.residual_tokens:
-            # Every non-sink token passes through the float32 recent window before
-            # it is quantized, pushed alone or in a block: quantize the float32 rows.
-            rest_k = rest_k.astype(FULL_PRECISION).astype(keys.dtype, copy=False)
-            rest_v = rest_v.astype(FULL_PRECISION).astype(values.dtype, copy=False)
+            # Every non-sink token passes through the recent window before it is
+            # quantized, pushed alone or in a block: quantize the rows as stored there.
+            rest_k = rest_k.astype(self._residual_dtype).astype(keys.dtype, copy=False)
+            rest_v = rest_v.astype(self._residual_dtype).astype(values.dtype, copy=False)
         plan.channels, plan.center = self._keys.channels, self._keys.center
         if n:
             plan.channels = self._keys.channels_for(keys)
@@ -635,20 +650,27 @@ class QuantizedKVCache:
         return out
 
     def _small_codes(self, queries, regions=None):
-        """``((key quantizer, key codes), (value quantizer, value codes))`` when the
-        fused float32 kernel applies: float32 ``queries`` and every token of
-        ``regions`` (default: every held token) quantized with MSE codes of at
-        most SMALL_CODE_BITS bits;
-        else None. A key center only shifts every score of a query by the same
-        amount, which the softmax ignores."""
+        """``((key codec, key arrays), (value codec, value arrays))`` when the
+        fused float32 kernel applies: float32 ``queries`` and the quantized tokens
+        of ``regions`` (default: every held token), at least one, coded with MSE
+        codes (plain or block-scaled) of at most SMALL_CODE_BITS bits and no
+        outlier channels; else None. Sink and recent tokens are merged after the
+        kernel (:func:`_merge_exact_rows`)."""
         if regions is None:
             regions = _Regions(self, 0)
-        if (queries.dtype != np.float32 or regions.n_sinks or regions.n_recent
-                or not regions.n_quantized):
+        if queries.dtype != np.float32 or not regions.n_quantized:
             return None
         keys = self._keys.small_codes(regions.quantized)
         values = self._values.small_codes(regions.quantized)
         return None if keys is None or values is None else (keys, values)
+
+    def _exact_rows(self, regions):
+        """``(keys, values)`` of the sink and recent tokens of ``regions`` as float32 (None when none)."""
+        if not regions.n_sinks + regions.n_recent:
+            return None
+        parts = [r for r, count in ((regions.sinks, regions.n_sinks), (regions.recent, regions.n_recent)) if count]
+        return tuple(np.concatenate([part[name] for part in parts]).astype(FULL_PRECISION, copy=False)
+                     for name in ("k", "v"))
 
     def _fused_output(self, queries, scale, n_threads, regions):
         """The (m, dim) float32 output of the fused float32 kernel, or None where it
@@ -658,17 +680,28 @@ class QuantizedKVCache:
             return None
         (key_codec, key_arrays), (value_codec, value_arrays) = small
         m, n = queries.shape[0], regions.n_quantized
-        keys = key_codec.attention_operands(key_arrays["indices"], key_arrays["norms"], n)
-        values = value_codec.attention_operands(value_arrays["indices"], value_arrays["norms"], n)
+        keys = key_codec.fused_side(key_arrays, n)
+        values = value_codec.fused_side(value_arrays, n)
+        exact = self._exact_rows(regions)
         # Dense rotations of a few queries run inside the kernel (same bits).
         key_rotation = key_codec.small_rotation(m)
         value_rotation = value_codec.small_rotation(m, inverse=True)
-        if key_rotation is None:
-            queries = key_codec.rotate(queries, n_threads)
-        check_block(queries, "queries", width=self.dim, dtypes=(F32,))
+        rotated = queries if key_rotation is not None else key_codec.rotate(queries, n_threads)
+        check_block(rotated, "queries", width=self.dim, dtypes=(F32,))
         out = np.empty((m, self.dim), dtype=np.float32)
-        _core.small_code_attention(*keys, *values, queries, key_rotation, value_rotation, scale, out, n_threads)
-        return out if value_rotation is not None else value_codec.unrotate(out, n_threads)
+        lse = np.empty(m, dtype=np.float32) if exact is not None else None
+        _core.small_code_attention(
+            keys.codes, keys.bits, keys.centroids, keys.norms, values.codes, values.bits, values.centroids,
+            values.norms, rotated, key_rotation, value_rotation, scale, out, n_threads,
+            key_block_scales=keys.block_scales, key_factors=keys.factors,
+            value_block_scales=values.block_scales, value_factors=values.factors, lse=lse)
+        if value_rotation is None:
+            out = value_codec.unrotate(out, n_threads)
+        if exact is None:
+            return out
+        center = self._keys.center
+        return _merge_exact_rows(out, lse, queries, *exact, scale,
+                                 None if center is None else center[None, :])
 
     def _reconstruct(self, which, dtype, n_threads):
         dtype = check_float_dtype(dtype)
@@ -879,31 +912,45 @@ class MultiHeadKVCache:
         """Every head's output from one call of the fused float32 kernel (heads in
         parallel), or None where it does not apply to every head."""
         blocks, g, m, was_2d = self._grouped_queries(queries)
-        small = [head._small_codes(block, _Regions(head, start)) for head, block in zip(self._heads, blocks)]
+        regions = [_Regions(head, start) for head in self._heads]
+        small = [head._small_codes(block, r) for head, block, r in zip(self._heads, blocks, regions)]
         if any(item is None for item in small):
             return None
-        rows, n = blocks[0].shape[0], self.num_tokens - start
-        # Every head's (indices, bits, centroids, norms), checked; the codecs of
-        # all heads differ only in their seeds, so bits and centroids are shared.
-        keys = [codec.attention_operands(arrays["indices"], arrays["norms"], n) for (codec, arrays), _ in small]
-        values = [codec.attention_operands(arrays["indices"], arrays["norms"], n) for _, (codec, arrays) in small]
+        rows, n = blocks[0].shape[0], regions[0].n_quantized
+        # Every head's checked operands; the codecs of all heads differ only in
+        # their seeds, so bits, centroids and factors are shared.
+        keys = [codec.fused_side(arrays, n) for (codec, arrays), _ in small]
+        values = [codec.fused_side(arrays, n) for _, (codec, arrays) in small]
         key_codecs = [codec for (codec, _), _ in small]
         value_codecs = [codec for _, (codec, _) in small]
         key_rotations = _head_rotations([codec.small_rotation(rows) for codec in key_codecs])
         value_rotations = _head_rotations([codec.small_rotation(rows, inverse=True) for codec in value_codecs])
-        if key_rotations is None:
-            blocks = [codec.rotate(block, n_threads) for codec, block in zip(key_codecs, blocks)]
-        queries = np.stack([check_block(block, "queries", width=self.head_dim, rows=rows, dtypes=(F32,))
-                            for block in blocks])
+        rotated = blocks if key_rotations is not None else [
+            codec.rotate(block, n_threads) for codec, block in zip(key_codecs, blocks)]
+        rotated = np.stack([check_block(block, "queries", width=self.head_dim, rows=rows, dtypes=(F32,))
+                            for block in rotated])
+        exact = [head._exact_rows(r) for head, r in zip(self._heads, regions)]
         out = np.empty((len(blocks), rows, self.head_dim), dtype=np.float32)
+        lse = np.empty((len(blocks), rows), dtype=np.float32) if exact[0] is not None else None
+        k0, v0 = keys[0], values[0]
         _core.small_code_attention_heads(
-            _addresses([k[0] for k in keys]), _addresses([k[3] for k in keys]),
-            key_codecs[0].row_bytes, keys[0][1], keys[0][2],
-            _addresses([v[0] for v in values]), _addresses([v[3] for v in values]),
-            value_codecs[0].row_bytes, values[0][1], values[0][2],
-            n, queries, key_rotations, value_rotations, scale, out, n_threads)
+            _addresses([k.codes for k in keys]), _addresses([k.norms for k in keys]),
+            key_codecs[0].row_bytes, k0.bits, k0.centroids,
+            _addresses([v.codes for v in values]), _addresses([v.norms for v in values]),
+            value_codecs[0].row_bytes, v0.bits, v0.centroids,
+            n, rotated, key_rotations, value_rotations, scale, out, n_threads,
+            key_block_scales=None if k0.block_scales is None else _addresses([k.block_scales for k in keys]),
+            key_block_bytes=0 if k0.block_scales is None else k0.block_scales.shape[1], key_factors=k0.factors,
+            value_block_scales=None if v0.block_scales is None else _addresses([v.block_scales for v in values]),
+            value_block_bytes=0 if v0.block_scales is None else v0.block_scales.shape[1],
+            value_factors=v0.factors, lse=lse)
         if value_rotations is None:
             out = np.stack([codec.unrotate(head_out, n_threads) for codec, head_out in zip(value_codecs, out)])
+        if lse is not None:
+            centers = [head.key_center for head in self._heads]
+            out = _merge_exact_rows(out, lse, np.stack(blocks), np.stack([e[0] for e in exact]),
+                                    np.stack([e[1] for e in exact]), scale,
+                                    None if centers[0] is None else np.stack(centers)[:, None, :])
         outputs = out.reshape(self.num_query_heads, m, self.head_dim)
         return outputs[:, 0, :] if was_2d else outputs
 
@@ -957,6 +1004,28 @@ class MultiHeadKVCache:
         c = self.config
         return (f"MultiHeadKVCache(kv_heads={c.num_heads}, query_heads={c.num_query_heads}, "
                 f"head_dim={self.head_dim}, tokens={self.num_tokens}, head={self._heads[0]!r})")
+
+
+def _merge_exact_rows(out, lse, queries, keys, values, scale, center):
+    """Softmax attention over coded rows and exact rows together, in float64.
+
+    ``out`` (..., m, d) and ``lse`` (..., m) are the fused kernel's output and
+    log-sum-exp over the coded rows; ``keys``/``values`` (..., r, d) the exact
+    rows, ``queries`` (..., m, d) unrotated. A key center shifts the coded rows'
+    logits by ``scale * <q, center>`` (``center`` (..., 1, d) or None). Returns
+    float32 (..., m, d).
+    """
+    queries = queries.astype(np.float64)
+    lse = lse.astype(np.float64)
+    if center is not None:
+        lse = lse + scale * np.matmul(queries, np.swapaxes(center, -1, -2).astype(np.float64))[..., 0]
+    logits = scale * np.matmul(queries, np.swapaxes(keys, -1, -2).astype(np.float64))
+    high = np.maximum(lse, logits.max(axis=-1))
+    coded = np.exp(lse - high)
+    weights = np.exp(logits - high[..., None])
+    total = coded + weights.sum(axis=-1)
+    merged = coded[..., None] * out + np.matmul(weights, values.astype(np.float64))
+    return (merged / total[..., None]).astype(np.float32)
 
 
 def _addresses(arrays):

@@ -4,10 +4,15 @@ import dataclasses
 import enum
 import json
 
-
 from .._errors import InvalidParameterError
 from ..quant._rotation import ROTATIONS, SKETCHES
 from .._validation import check_bool, check_choice, check_int
+from ..quant._block_tables import TABLES as _BLOCK_TABLES
+
+#: Storage choices of the unquantized (sink and recent) tokens.
+RESIDUAL_DTYPES = ("float32", "float16")
+#: Widest block-scaled codes (the fitted tables of turboquant.quant._block_tables).
+BLOCK_SCALE_MAX_BITS = max(_BLOCK_TABLES)
 
 
 class QuantStrategy(str, enum.Enum):
@@ -91,6 +96,16 @@ class KVCacheConfig:
         ``<q, center>`` back to every score exactly. Softmax ignores a shift
         shared by all tokens, so this only removes error: decoder keys share a
         large common component that would otherwise dominate their norms.
+    block_scales : bool, default=False
+        Quantize keys and values with block-scaled MSE codes
+        (``TurboQuantMSE(..., block_scales=True)``): a float16 scale per vector
+        and a 4-bit factor per 16 rotated coordinates, ``0.25 + 4/dim`` bits per
+        value beyond ``bits`` instead of a float32 norm's ``32/dim``, and about
+        half the error of the paper's codes at equal bits. MSE keys of 1..4
+        bits, values of 1..4 bits, no outlier channels.
+    residual_dtype : {"float32", "float16"}, default="float32"
+        Storage of the unquantized (sink and recent) tokens. ``"float16"`` halves
+        their bytes; every value must then fit float16 (|x| <= 65504).
     """
 
     dim: int
@@ -106,6 +121,8 @@ class KVCacheConfig:
     rotation: str = "dense"
     sketch: str = "gaussian"
     center_keys: bool = False
+    block_scales: bool = False
+    residual_dtype: str = "float32"
 
     def __post_init__(self):
         def put(name, value):
@@ -127,11 +144,25 @@ class KVCacheConfig:
         put("rotation", check_choice(self.rotation, "rotation", ROTATIONS))
         put("sketch", check_choice(self.sketch, "sketch", SKETCHES))
         put("center_keys", check_bool(self.center_keys, "center_keys"))
+        put("block_scales", check_bool(self.block_scales, "block_scales"))
+        put("residual_dtype", check_choice(self.residual_dtype, "residual_dtype", RESIDUAL_DTYPES))
         put("outlier_channels", self._check_outliers(self.outlier_channels))
         if self.outlier_bits is None:
             put("outlier_bits", min(self.key_bits + 1, 8))
         else:
             put("outlier_bits", check_int(self.outlier_bits, "outlier_bits", low=low_key_bits, high=8))
+        if self.block_scales:
+            self._check_block_scales()
+
+    def _check_block_scales(self):
+        if self.key_strategy is not QuantStrategy.MSE:
+            raise InvalidParameterError("block_scales needs MSE keys (key_strategy='mse')")
+        if self.num_outlier_channels:
+            raise InvalidParameterError("block_scales does not combine with outlier_channels")
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) > BLOCK_SCALE_MAX_BITS:
+                raise InvalidParameterError(
+                    f"block_scales supports {name} 1..{BLOCK_SCALE_MAX_BITS}, got {getattr(self, name)}")
 
     def _check_outliers(self, channels):
         if isinstance(channels, (list, tuple)) or getattr(channels, "ndim", 0) >= 1:
@@ -236,8 +267,9 @@ class CacheStats:
     """Memory accounting of one head's cache.
 
     ``key_bytes`` and ``value_bytes`` are the bytes actually held for the live
-    tokens: packed codes and their float32 norms, plus float32 rows of the
-    unquantized sink and recent tokens. ``uncompressed_bytes`` is
+    tokens: packed codes and their norms (and block scales), plus the rows of
+    the unquantized sink and recent tokens (float32 or float16) and the key
+    center. ``uncompressed_bytes`` is
     ``num_tokens * dim * 4 * 2`` (float32 keys and values).
     """
 

@@ -22,6 +22,7 @@ a search index build on. :class:`BlockMSECodec` is the block-scaled variant
 """
 
 import math
+import typing
 
 import numpy as np
 
@@ -277,7 +278,47 @@ class _SignCodec:
                            accumulate, n_threads)
 
 
-class MSECodec(_ArrayCodec):
+class _RotatedCodec(_ArrayCodec):
+    """Rotation helpers of the codecs that quantize rotated rows (``rotation``, ``dim`` set by each)."""
+
+    def rotate(self, rows, n_threads):
+        """``rows @ Pi.T``: (n, dim) C-contiguous float rows into the codes' rotated domain."""
+        check_block(rows, "rows", width=self.dim)
+        return self.rotation.apply(rows, check_thread_count(n_threads))
+
+    def unrotate(self, rows, n_threads):
+        """``rows @ Pi``: rotated-domain rows back (the inverse of :meth:`rotate`)."""
+        check_block(rows, "rows", width=self.dim)
+        return self.rotation.inverse(rows, check_thread_count(n_threads))
+
+    def small_rotation(self, rows, *, inverse=False):
+        """The C-contiguous float32 (dim, dim) ``B`` with ``x @ B`` what :meth:`rotate`
+        (or :meth:`unrotate` when ``inverse``) computes for ``rows`` float32 rows,
+        when that is a small product a kernel can run itself; else None."""
+        rows = check_int(rows, "rows", low=0)
+        operand = self.rotation.small_operand(rows, F32, bool(inverse))
+        if operand is not None:
+            check_block(operand, "rotation operand", width=self.dim, rows=self.dim, dtypes=(F32,))
+        return operand
+
+
+class FusedSide(typing.NamedTuple):
+    """One side (keys or values) of the fused attention kernels, checked.
+
+    ``codes`` (n, row_bytes) uint8, ``bits`` (1..SMALL_CODE_BITS), ``centroids``
+    float64, ``norms`` (n,) float32; for block-scaled codes ``block_scales``
+    (n, block_bytes) uint8 and the 16 float64 ``factors``, else None.
+    """
+
+    codes: np.ndarray
+    bits: int
+    centroids: np.ndarray
+    norms: np.ndarray
+    block_scales: object = None
+    factors: object = None
+
+
+class MSECodec(_RotatedCodec):
     """``bits``-bit Lloyd-Max codes of rotated unit rows, with their norms.
 
     Parameters
@@ -308,27 +349,6 @@ class MSECodec(_ArrayCodec):
         self.rotation = make_rotation(kind, self.dim, seed)
         self.row_bytes = packed_row_bytes(self.dim, self.bits)
         self.spec = CodeSpec("mse", self.dim, self.bits, seed, kind)
-
-    # -- rotations ------------------------------------------------------------------------------
-    def rotate(self, rows, n_threads):
-        """``rows @ Pi.T``: (n, dim) C-contiguous float rows into the codes' rotated domain."""
-        check_block(rows, "rows", width=self.dim)
-        return self.rotation.apply(rows, check_thread_count(n_threads))
-
-    def unrotate(self, rows, n_threads):
-        """``rows @ Pi``: rotated-domain rows back (the inverse of :meth:`rotate`)."""
-        check_block(rows, "rows", width=self.dim)
-        return self.rotation.inverse(rows, check_thread_count(n_threads))
-
-    def small_rotation(self, rows, *, inverse=False):
-        """The C-contiguous float32 (dim, dim) ``B`` with ``x @ B`` what :meth:`rotate`
-        (or :meth:`unrotate` when ``inverse``) computes for ``rows`` float32 rows,
-        when that is a small product a kernel can run itself; else None."""
-        rows = check_int(rows, "rows", low=0)
-        operand = self.rotation.small_operand(rows, F32, bool(inverse))
-        if operand is not None:
-            check_block(operand, "rotation operand", width=self.dim, rows=self.dim, dtypes=(F32,))
-        return operand
 
     # -- rotated-domain block operations ----------------------------------------------------------
     def encode(self, rows, n_threads, want_residual=False, name="rows"):
@@ -426,6 +446,10 @@ class MSECodec(_ArrayCodec):
             raise LengthMismatchError(f"norms has {norms.shape[0]} entries; the codes have {indices.shape[0]} rows")
         return indices, self.bits, self.codebook.centroids, norms
 
+    def fused_side(self, arrays, rows):
+        """:class:`FusedSide` of the codes ``arrays`` (``rows`` of them)."""
+        return FusedSide(*self.attention_operands(arrays["indices"], arrays["norms"], rows))
+
     # -- array level --------------------------------------------------------------------------------
     def quantize(self, rows, n_threads, name="rows"):
         """``{"indices", "norms"}`` codes of (n, dim) C-contiguous float rows (``name``
@@ -519,7 +543,7 @@ class QJLCodec(_ArrayCodec):
         self.sketch.score(arrays["signs"], self._weights(arrays), queries, out, False, n_threads)
 
 
-class BlockMSECodec(_ArrayCodec):
+class BlockMSECodec(_RotatedCodec):
     """Block-scaled ``bits``-bit codes of rotated rows (``TurboQuantMSE(..., block_scales=True)``).
 
     A row ``x`` is rotated to ``y = Pi x`` and held as ``g = rms(y)`` rounded to
@@ -605,6 +629,15 @@ class BlockMSECodec(_ArrayCodec):
         rotated = self.rotation.apply(queries, n_threads)
         if out.size:
             _core.block_inner_products(*operands, rotated, out, n_threads)
+
+    def fused_side(self, arrays, rows):
+        """:class:`FusedSide` of the codes ``arrays`` (``rows`` of them; the
+        float16 scales widened to float32)."""
+        self.check_arrays(arrays)
+        if arrays["indices"].shape[0] != rows:
+            raise LengthMismatchError(f"the codes have {arrays['indices'].shape[0]} rows, expected {rows}")
+        return FusedSide(arrays["indices"], self.bits, self.centroids, arrays["norms"].astype(F32),
+                         arrays["block_scales"], self.factors)
 
     def weighted_sum(self, arrays, weights, n_threads):
         """(m, dim) float64 ``sum_i weights[q, i] * x_hat_i`` for (m, n) C-contiguous float64 ``weights``."""
