@@ -97,7 +97,9 @@ def teacher_forced_logits(model, cache, ids, steps):
 
 
 @pytest.mark.parametrize("options", [dict(key_bits=4, value_bits=3),
-                                     dict(key_bits=3, value_bits=2, key_strategy="prod", residual_tokens=4)])
+                                     dict(key_bits=3, value_bits=2, key_strategy="prod", residual_tokens=4),
+                                     dict(preset="balanced", residual_tokens=4),
+                                     dict(preset="compact", residual_tokens=4)])
 def test_fused_logits_equal_dequantized_attention(options, decode_calls):
     model = tiny_model("qwen2")
     ids, steps = prompt(20), prompt(12, seed=2)[0]
@@ -310,12 +312,27 @@ def test_stats_count_every_byte():
     (dict(max_tokens=8), "max_tokens"),
     (dict(n_threads=0), "n_threads"),
     (dict(fused_attention="yes"), "fused_attention"),
+    (dict(preset="tiny"), "preset"),
+    (dict(preset="balanced", key_bits=5), "block_scales supports key_bits"),
 ])
 def test_bad_options_raise_before_any_work(options, message):
     model = tiny_model("llama")
     with pytest.raises(turboquant.InvalidParameterError, match=message):
         TurboQuantCache(model.config, **options)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["lossless", "balanced", "compact"])
+def test_presets_generate_and_hold_their_bits(name, decode_calls):
+    """``preset=`` builds the heads of :meth:`KVCacheConfig.preset`; generate runs
+    from the codes, and the bytes held are those of the preset's caches."""
+    model = tiny_model("llama")
+    cache = TurboQuantCache(model.config, preset=name)
+    assert cache.head_config.head_config == turboquant.KVCacheConfig.preset(name, 16)
+    out = greedy(model, prompt(40), cache, new=8)
+    assert out.shape == (1, 48) and len(decode_calls) == 2 * 7
+    heads = [layer.rows[0] for layer in cache.layers]
+    assert cache.stats().total_bytes == sum(head.stats().total_bytes for head in heads)
 
 
 def test_config_without_the_needed_fields():

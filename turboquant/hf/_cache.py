@@ -299,6 +299,9 @@ class TurboQuantCache(Cache):
         heads), ``head_dim`` (default ``hidden_size // num_attention_heads``),
         ``layer_types`` / ``sliding_window``; for a composite model, its text
         decoder config.
+    preset : {"lossless", "balanced", "compact"} or None, default=None
+        Start from :meth:`turboquant.KVCacheConfig.preset`; ``options`` then
+        replace single fields of it.
     fused_attention : bool, default=True
         Compute decode attention from the codes: registers the ``"turboquant"``
         attention implementation and sets ``_attn_implementation =
@@ -314,7 +317,8 @@ class TurboQuantCache(Cache):
         :class:`turboquant.KVCacheConfig` fields except ``dim`` (taken from
         the config): ``key_bits``, ``value_bits``, ``key_strategy``, ``seed``,
         ``residual_tokens``, ``sink_tokens``, ``outlier_channels``,
-        ``outlier_bits``, ``rotation``, ``sketch``, ``center_keys``.
+        ``outlier_bits``, ``rotation``, ``sketch``, ``center_keys``,
+        ``block_scales``, ``residual_dtype``.
         ``max_tokens`` must stay 0: a window is the model's business.
 
     Raises
@@ -342,13 +346,13 @@ class TurboQuantCache(Cache):
 
     Examples
     --------
-    >>> cache = TurboQuantCache(model.config, key_bits=4, value_bits=4)  # doctest: +SKIP
+    >>> cache = TurboQuantCache(model.config, preset="balanced")  # doctest: +SKIP
     >>> model.generate(input_ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
     """
 
     is_compileable = False
 
-    def __init__(self, config, *, fused_attention=True, n_threads=None, **options):
+    def __init__(self, config, *, preset=None, fused_attention=True, n_threads=None, **options):
         unknown = sorted(set(options) - set(_OPTION_NAMES))
         if unknown:
             raise InvalidParameterError(
@@ -358,7 +362,8 @@ class TurboQuantCache(Cache):
         resolve_n_threads(n_threads)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layers, query_heads, kv_heads, head_dim = _model_dimensions(text)
-        head = KVCacheConfig(dim=head_dim, **options)
+        head = (KVCacheConfig(dim=head_dim, **options) if preset is None
+                else KVCacheConfig.preset(preset, head_dim, **options))
         if head.max_tokens:
             raise InvalidParameterError(
                 f"max_tokens={head.max_tokens} is not supported: TurboQuantCache keeps every token; "

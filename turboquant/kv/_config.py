@@ -178,6 +178,36 @@ class KVCacheConfig:
                 f"outlier_channels must select 2..{self.dim - 2} channels (dim={self.dim}), got {count}")
         return result
 
+    @classmethod
+    def preset(cls, name, dim, **overrides):
+        """A named configuration for heads of dimension ``dim``.
+
+        Parameters
+        ----------
+        name : {"lossless", "balanced", "compact"}
+            See :data:`PRESETS` for their settings and the README for their
+            measured bits per value and next-token KL on a real model.
+        dim : int
+            Head dimension.
+        **overrides
+            Other :class:`KVCacheConfig` fields, replacing the preset's.
+
+        Returns
+        -------
+        KVCacheConfig
+
+        Raises
+        ------
+        InvalidParameterError
+            For an unknown name or an invalid override.
+        """
+        if not isinstance(name, str) or name.lower() not in PRESETS:
+            raise InvalidParameterError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        unknown = set(overrides) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidParameterError(f"unknown preset overrides {sorted(unknown)}")
+        return cls(dim=dim, **{**PRESETS[name.lower()], **overrides})
+
     @property
     def num_outlier_channels(self):
         """How many key channels go to the outlier quantizer."""
@@ -205,6 +235,23 @@ class KVCacheConfig:
     def from_json(cls, text):
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
+
+
+#: Settings of the named presets of :meth:`KVCacheConfig.preset` (bits per value
+#: for head dimension 64 and 1024 tokens, everything counted):
+#:
+#: - ``"lossless"``: 8-bit MSE keys and values with float32 norms (8.5 bits);
+#: - ``"balanced"``: block-scaled 4-bit keys and 3-bit values, centered keys, the
+#:   newest 32 tokens in float16 (4.4 bits);
+#: - ``"compact"``: block-scaled 3-bit keys and 2-bit values, centered keys, the
+#:   newest 16 tokens in float16 (3.2 bits).
+PRESETS = {
+    "lossless": dict(key_bits=8, value_bits=8),
+    "balanced": dict(key_bits=4, value_bits=3, block_scales=True, center_keys=True, residual_tokens=32,
+                     residual_dtype="float16"),
+    "compact": dict(key_bits=3, value_bits=2, block_scales=True, center_keys=True, residual_tokens=16,
+                    residual_dtype="float16"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
