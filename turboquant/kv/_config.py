@@ -244,12 +244,12 @@ class KVCacheConfig:
 #: - ``"balanced"``: block-scaled 4-bit keys and 3-bit values, centered keys, the
 #:   newest 32 tokens in float16 (4.4 bits);
 #: - ``"compact"``: block-scaled 3-bit keys and 2-bit values, centered keys, the
-#:   newest 16 tokens in float16 (3.2 bits).
+#:   newest 32 tokens in float16 (3.4 bits).
 PRESETS = {
     "lossless": dict(key_bits=8, value_bits=8),
     "balanced": dict(key_bits=4, value_bits=3, block_scales=True, center_keys=True, residual_tokens=32,
                      residual_dtype="float16"),
-    "compact": dict(key_bits=3, value_bits=2, block_scales=True, center_keys=True, residual_tokens=16,
+    "compact": dict(key_bits=3, value_bits=2, block_scales=True, center_keys=True, residual_tokens=32,
                     residual_dtype="float16"),
 }
 
