@@ -32,7 +32,7 @@ cdef struct coded_rows:
     const float* norms
     Py_ssize_t row_bytes
     int bits
-    float centroids[16]
+    float centroids[1 << TQ_LUT_MAX_BITS]
     const uint8_t* blocks
     Py_ssize_t block_bytes
     float factors[16]
@@ -158,8 +158,11 @@ cdef set_coded_rows(coded_rows* rows, const uint8_t* codes, const float* norms, 
                     int bits, const double[::1] centroids, const uint8_t* blocks, Py_ssize_t block_bytes,
                     const double[::1] factors):
     """Fill ``rows`` (the float32 tables from the float64 ones; ``blocks`` NULL for plain codes)."""
-    if not 1 <= bits <= 4 or centroids.shape[0] != (1 << bits):
-        raise ValueError(f"fused attention reads 1..4-bit codes with 2**bits centroids, got bits={bits}")
+    if not 1 <= bits <= TQ_LUT_MAX_BITS or centroids.shape[0] != (1 << bits):
+        raise ValueError(f"fused attention reads 1..{TQ_LUT_MAX_BITS}-bit codes with 2**bits centroids, "
+                         f"got bits={bits}")
+    if blocks != NULL and bits > 4:
+        raise ValueError(f"block-scaled codes have 1..4 bits, got bits={bits}")
     rows.codes, rows.norms, rows.row_bytes, rows.bits = codes, norms, row_bytes, bits
     rows.blocks, rows.block_bytes = blocks, (block_bytes if blocks != NULL else 0)
     centroids_f32(centroids, bits, rows.centroids)
@@ -198,12 +201,12 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     scores and their maxima, then the softmax numerators (a float32
     exponential) and weighted sums are computed per chunk of rows in two
     parallel loops; chunk sums are combined in chunk order, so the result does
-    not depend on the thread count. Codes of 1 to 4 bits only.
+    not depend on the thread count. Codes of 1 to 8 bits (block-scaled: 1 to 4).
 
     Parameters
     ----------
     key_codes : (n, ceil(d*key_bits/8)) uint8
-    key_bits, value_bits : int in 1..4
+    key_bits, value_bits : int in 1..8 (1..4 with block scales)
     key_centroids, value_centroids : (2**bits,) float64
     key_norms, value_norms : (n,) float32
     value_codes : (n, ceil(d*value_bits/8)) uint8
@@ -280,7 +283,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     ----------
     key_codes, key_norms, value_codes, value_norms : (heads,) uintptr
     key_bytes, value_bytes : int, bytes per code row
-    key_bits, value_bits : int in 1..4
+    key_bits, value_bits : int in 1..8 (1..4 with block scales)
     key_centroids, value_centroids : (2**bits,) float64
     n : int, rows per head
     queries : (heads, m, d) float32

@@ -28,7 +28,7 @@ from .._kernels import _core
 from .._errors import (IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
                        LengthMismatchError, NonFiniteError, ShapeError)
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
-from ..quant._codec import F32, SMALL_CODE_BITS, BlockMSECodec, MSECodec, ProdCodec, check_block
+from ..quant._codec import F32, BlockMSECodec, MSECodec, ProdCodec, check_block
 from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._row_buffer import RowBuffer
@@ -93,8 +93,7 @@ class _KeyCodec:
         # The public quantizers over the same codecs.
         self.main_quantizer, self.outlier_quantizer = self._quantizer(self.main), self._quantizer(self.outlier)
         self._views = _DerivedViews()
-        self._small = (self.outlier is None and isinstance(self.main, (MSECodec, BlockMSECodec))
-                       and self.main.bits <= SMALL_CODE_BITS)
+        self._small = self.outlier is None and isinstance(self.main, (MSECodec, BlockMSECodec))
         self.reset()
 
     def _codec(self, dim, bits, seed):
@@ -176,8 +175,8 @@ class _KeyCodec:
         return out
 
     def small_codes(self, views):
-        """``(codec, arrays)`` when every key is an MSE code of at most
-        SMALL_CODE_BITS bits (the fused float32 attention kernel applies), else None."""
+        """``(codec, arrays)`` when every key is an MSE code (plain or block-scaled:
+        the fused float32 attention kernel applies), else None."""
         return (self.main, self.arrays(views)[0]) if self._small else None
 
     @property
@@ -224,8 +223,8 @@ class _ValueCodec:
         return self.codec.weighted_sum(arrays["indices"], arrays["norms"], weights, n_threads)
 
     def small_codes(self, views):
-        """``(codec, arrays)`` when the values have at most SMALL_CODE_BITS bits, else None."""
-        return (self.codec, self.arrays(views)) if self.codec.bits <= SMALL_CODE_BITS else None
+        """``(codec, arrays)`` for the fused float32 attention kernel (every value codec has one)."""
+        return self.codec, self.arrays(views)
 
     def arrays(self, views):
         """Value arrays over the quantized region's ``views``, under their own names."""
@@ -653,7 +652,7 @@ class QuantizedKVCache:
         """``((key codec, key arrays), (value codec, value arrays))`` when the
         fused float32 kernel applies: float32 ``queries`` and the quantized tokens
         of ``regions`` (default: every held token), at least one, coded with MSE
-        codes (plain or block-scaled) of at most SMALL_CODE_BITS bits and no
+        codes (plain or block-scaled, any width) and no
         outlier channels; else None. Sink and recent tokens are merged after the
         kernel (:func:`_merge_exact_rows`)."""
         if regions is None:

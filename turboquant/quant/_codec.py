@@ -41,9 +41,6 @@ F64 = np.dtype(np.float64)
 U8 = np.dtype(np.uint8)
 NORM_DTYPES = (F32, F64)
 
-#: Codes of at most this many bits have float32 kernels (include/tq_lut.h), the
-#: fused attention kernels among them.
-SMALL_CODE_BITS = 4
 
 #: Largest vector dimension (a dense rotation of this dim takes 32 GiB).
 MAX_DIM = 1 << 16
@@ -305,7 +302,7 @@ class _RotatedCodec(_ArrayCodec):
 class FusedSide(typing.NamedTuple):
     """One side (keys or values) of the fused attention kernels, checked.
 
-    ``codes`` (n, row_bytes) uint8, ``bits`` (1..SMALL_CODE_BITS), ``centroids``
+    ``codes`` (n, row_bytes) uint8, ``bits`` (1..8; 1..4 block-scaled), ``centroids``
     float64, ``norms`` (n,) float32; for block-scaled codes ``block_scales``
     (n, block_bytes) uint8 and the 16 float64 ``factors``, else None.
     """
@@ -435,11 +432,7 @@ class MSECodec(_RotatedCodec):
     def attention_operands(self, indices, norms, rows=None):
         """``(indices, bits, centroids, norms)`` for the fused attention kernels,
         checked: (n, row_bytes) packed ``indices`` and (n,) float32 ``norms``,
-        both C-contiguous, ``n == rows`` when given; codes of at most
-        SMALL_CODE_BITS bits (IncompatibleCodesError otherwise)."""
-        if self.bits > SMALL_CODE_BITS:
-            raise IncompatibleCodesError(
-                f"the fused attention kernels read codes of at most {SMALL_CODE_BITS} bits, not {self.bits}")
+        both C-contiguous, ``n == rows`` when given."""
         check_packed(indices, "indices", self.row_bytes, rows=rows)
         _check_array(norms, "norms", 1, (F32,))
         if norms.shape[0] != indices.shape[0]:
