@@ -10,8 +10,9 @@
  *
  * A block of 16 coordinates is two of tq_lut.h's 8-coordinate groups, so the
  * x86 path decodes exactly as tq_lut.h's AVX2 path does and multiplies each
- * block's products (scores) or weights (sums) by its factor. The AVX-512
- * variant runs the AVX2 code. Sums run in float32 in a fixed order per row and
+ * block's products (scores) or weights (sums) by its factor. A block is one
+ * register of tq_lut.h's AVX-512 path, which multiplies each decoded block by
+ * its factor (tq_lut_scale_pair). Sums run in float32 in a fixed order per row and
  * chunks are whole rows, so results do not depend on the caller's thread count.
  */
 #ifndef TQ_BLOCK_H
@@ -22,11 +23,6 @@
 #define TQ_BLOCK_SIZE 16
 #define TQ_BLOCK_BITS 4
 
-/* The factor of block b of a row of factor indices. */
-static inline float tq_block_factor(const uint8_t *block_row, ptrdiff_t b, const float *factors)
-{
-    return factors[(block_row[b >> 1] >> (4 * (b & 1))) & 15u];
-}
 
 /* ------------------------------------------------------------------------ */
 /* Portable path                                                             */
@@ -218,6 +214,30 @@ TQ_LUT_AVX2_FN static void tq_block_weighted_sum_avx2(const uint8_t *codes, cons
 #undef TQ_BLOCK_SUM_BITS
 }
 
+TQ_LUT_AVX512_FN static int tq_block_scores_avx512(const uint8_t *codes, const uint8_t *block_codes, ptrdiff_t n,
+                                            ptrdiff_t row_bytes, ptrdiff_t block_bytes, int bits,
+                                            const float *centroids, const float *factors,
+                                            const float *queries, ptrdiff_t m, ptrdiff_t d,
+                                            const double *scales, float *out, ptrdiff_t out_stride,
+                                            int accumulate, float *high)
+{
+    int status = 0;
+#define TQ_BLOCK_SCORES512_BITS(K) status = tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high, block_codes, block_bytes, factors)
+    TQ_LUT_DISPATCH4(bits, TQ_BLOCK_SCORES512_BITS)
+#undef TQ_BLOCK_SCORES512_BITS
+    return status;
+}
+
+TQ_LUT_AVX512_FN static void tq_block_weighted_sum_avx512(const uint8_t *codes, const uint8_t *block_codes,
+                                                   ptrdiff_t n, ptrdiff_t row_bytes, ptrdiff_t block_bytes,
+                                                   int bits, const float *centroids, const float *factors,
+                                                   const float *weights, ptrdiff_t m, ptrdiff_t d, float *acc)
+{
+#define TQ_BLOCK_SUM512_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, m, d, acc, block_codes, block_bytes, factors)
+    TQ_LUT_DISPATCH4(bits, TQ_BLOCK_SUM512_BITS)
+#undef TQ_BLOCK_SUM512_BITS
+}
+
 #endif /* TQ_LUT_X86 */
 
 /* ------------------------------------------------------------------------ */
@@ -236,7 +256,11 @@ static inline void tq_block_scores(int variant, const uint8_t *codes, const uint
     if (high != NULL)
         memcpy(top, high, sizeof(float) * (size_t)m);
 #ifdef TQ_LUT_X86
-    if (variant == TQ_AVX2 || variant == TQ_AVX512)
+    if (variant == TQ_AVX512 && tq_block_scores_avx512(codes, block_codes, n, row_bytes, block_bytes, bits,
+                                                       centroids, factors, queries, m, d, scales, out,
+                                                       out_stride, accumulate, local) == 0) {
+        /* done */
+    } else if (variant == TQ_AVX2 || variant == TQ_AVX512)
         tq_block_scores_avx2(codes, block_codes, n, row_bytes, block_bytes, bits, centroids, factors, queries,
                              m, d, scales, out, out_stride, accumulate, local);
     else
@@ -254,22 +278,31 @@ static inline void tq_block_weighted_sum(int variant, const uint8_t *codes, cons
                                          ptrdiff_t weight_stride, ptrdiff_t m, const double *scales,
                                          ptrdiff_t d, float *acc)
 {
-    float row_weights[TQ_LUT_WEIGHT_ROWS];
+    float row_weights[TQ_LUT_MAX_QUERIES * TQ_LUT_WEIGHT_ROWS];
     for (ptrdiff_t i0 = 0; i0 < n; i0 += TQ_LUT_WEIGHT_ROWS) {
         const ptrdiff_t rows = n - i0 < TQ_LUT_WEIGHT_ROWS ? n - i0 : TQ_LUT_WEIGHT_ROWS;
         const uint8_t *block = codes + i0 * row_bytes, *block_rows = block_codes + i0 * block_bytes;
-        for (ptrdiff_t q = 0; q < m; q++) {
+        for (ptrdiff_t q = 0; q < m; q++)
             for (ptrdiff_t i = 0; i < rows; i++)
-                row_weights[i] = (float)((double)weights[q * weight_stride + i0 + i] * scales[i0 + i]);
+                row_weights[q * TQ_LUT_WEIGHT_ROWS + i] =
+                    (float)((double)weights[q * weight_stride + i0 + i] * scales[i0 + i]);
 #ifdef TQ_LUT_X86
-            if (variant == TQ_AVX2 || variant == TQ_AVX512) {
+        if (variant == TQ_AVX512) {
+            tq_block_weighted_sum_avx512(block, block_rows, rows, row_bytes, block_bytes, bits, centroids,
+                                         factors, row_weights, m, d, acc);
+            continue;
+        }
+#endif
+        for (ptrdiff_t q = 0; q < m; q++) {
+#ifdef TQ_LUT_X86
+            if (variant == TQ_AVX2) {
                 tq_block_weighted_sum_avx2(block, block_rows, rows, row_bytes, block_bytes, bits, centroids,
-                                           factors, row_weights, d, acc + q * d);
+                                           factors, row_weights + q * TQ_LUT_WEIGHT_ROWS, d, acc + q * d);
                 continue;
             }
 #endif
             tq_block_weighted_sum_portable(block, block_rows, rows, row_bytes, block_bytes, bits, centroids,
-                                           factors, row_weights, d, acc + q * d);
+                                           factors, row_weights + q * TQ_LUT_WEIGHT_ROWS, d, acc + q * d);
         }
     }
 }

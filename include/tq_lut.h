@@ -86,6 +86,13 @@ static inline uint64_t tq_lut_short_word(const uint8_t *p, int count)
     return word;
 }
 
+/* The factor of block b (16 coordinates) of a row of 4-bit factor indices
+ * (block-scaled codes, tq_block.h). */
+static inline float tq_block_factor(const uint8_t *block_row, ptrdiff_t b, const float *factors)
+{
+    return factors[(block_row[b >> 1] >> (4 * (b & 1))) & 15u];
+}
+
 /* ------------------------------------------------------------------------ */
 /* Portable path                                                             */
 /* ------------------------------------------------------------------------ */
@@ -532,6 +539,26 @@ TQ_LUT_AVX512_INLINE void tq_lut_from_pair_order(__m512 *lo, __m512 *hi, const i
     }
 }
 
+/* A pair's two registers (tq_lut_decode_pair's order) times the factors of
+ * blocks 2p and 2p+1 of a row of block-scaled codes (byte p of its factor
+ * indices holds both): in pair order (4 bits) lanes 0-7 of both registers are
+ * in block 2p and lanes 8-15 in block 2p+1; otherwise each register is one
+ * block. The factors are broadcast from the table in memory. */
+TQ_LUT_AVX512_INLINE void tq_lut_scale_pair(const uint8_t *scale_row, const float *factors, ptrdiff_t p,
+                                        const int bits, __m512 *first, __m512 *second)
+{
+    const unsigned byte = scale_row[p];
+    const __m512 f0 = _mm512_set1_ps(factors[byte & 15u]), f1 = _mm512_set1_ps(factors[byte >> 4]);
+    if (bits == 4) {
+        const __m512 f = _mm512_mask_blend_ps((__mmask16)0xFF00, f0, f1);
+        *first = _mm512_mul_ps(*first, f);
+        *second = _mm512_mul_ps(*second, f);
+    } else {
+        *first = _mm512_mul_ps(*first, f0);
+        *second = _mm512_mul_ps(*second, f1);
+    }
+}
+
 /* Lane t of the result is the sum of the sixteen lanes of v[t]: a transposing
  * tree of shuffles and adds that only ever adds partial sums of the same t, so
  * each lane's arithmetic does not depend on the other fifteen vectors. */
@@ -561,7 +588,8 @@ TQ_LUT_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
 TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const uint8_t *row,
                                           ptrdiff_t row_bytes, const int R, const int bits,
                                           const float *lane_queries, const int m, ptrdiff_t width,
-                                          __m512 *sum)
+                                          const uint8_t *scale_row, ptrdiff_t scale_bytes,
+                                          const float *factors, __m512 *sum)
 {
     const ptrdiff_t blocks = width / 16, pairs = blocks / 2;
     __m512 even[2 * TQ_LUT_MAX_QUERIES], odd[2 * TQ_LUT_MAX_QUERIES];
@@ -569,8 +597,11 @@ TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const
         even[k] = odd[k] = _mm512_setzero_ps();
     for (ptrdiff_t p = 0; p < pairs; p++) {
         __m512 a[2], b[2];
-        for (int r = 0; r < R; r++)
+        for (int r = 0; r < R; r++) {
             tq_lut_decode_pair(dec, row + r * row_bytes, p, bits, &a[r], &b[r]);
+            if (scale_row != NULL)
+                tq_lut_scale_pair(scale_row + r * scale_bytes, factors, p, bits, &a[r], &b[r]);
+        }
         for (int q = 0; q < m; q++) {
             const __m512 qa = _mm512_loadu_ps(lane_queries + q * width + 32 * p);
             const __m512 qb = _mm512_loadu_ps(lane_queries + q * width + 32 * p + 16);
@@ -582,7 +613,9 @@ TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const
     }
     if (blocks & 1) {
         for (int r = 0; r < R; r++) {
-            const __m512 a = tq_lut_decode16(dec, row + r * row_bytes, blocks - 1, bits);
+            __m512 a = tq_lut_decode16(dec, row + r * row_bytes, blocks - 1, bits);
+            if (scale_row != NULL)
+                a = _mm512_mul_ps(a, _mm512_set1_ps(tq_block_factor(scale_row + r * scale_bytes, blocks - 1, factors)));
             for (int q = 0; q < m; q++)
                 even[r * m + q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + width - 16),
                                                   even[r * m + q]);
@@ -602,7 +635,8 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
                                                 const float *queries, const int m, ptrdiff_t d,
                                                 const double *scales, float *out,
                                                 ptrdiff_t out_stride, int accumulate, float *high,
-                                                float *lane_queries)
+                                                float *lane_queries, const uint8_t *scale_codes,
+                                                ptrdiff_t scale_bytes, const float *factors)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
     const ptrdiff_t blocks = d / 16, pairs = blocks / 2, width = 16 * blocks;
@@ -627,13 +661,16 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
     for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {
         const int rows = n - i0 < 16 ? (int)(n - i0) : 16;
         const uint8_t *block = codes + i0 * row_bytes;
+        const uint8_t *scale_block = scale_codes != NULL ? scale_codes + i0 * scale_bytes : NULL;
+#define TQ_SCALE_ROW(t) (scale_block != NULL ? scale_block + (t) * scale_bytes : NULL)
         if (rows == 16) {
             /* Two rows at a time while their accumulators fit in registers. */
             const int R = m <= 2 ? 2 : 1;
 #pragma GCC unroll 16
             for (int t = 0; t < 16; t += R) {
                 __m512 sum[2 * TQ_LUT_MAX_QUERIES];
-                tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, R, bits, lane_queries, m, width, sum);
+                tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, R, bits, lane_queries, m, width,
+                                    TQ_SCALE_ROW(t), scale_bytes, factors, sum);
                 for (int r = 0; r < R; r++)
                     for (int q = 0; q < m; q++)
                         partial[q][t + r] = sum[r * m + q];
@@ -642,7 +679,8 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
             for (int t = 0; t < 16; t++) {
                 __m512 sum[TQ_LUT_MAX_QUERIES];
                 if (t < rows)
-                    tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, 1, bits, lane_queries, m, width, sum);
+                    tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, 1, bits, lane_queries, m, width,
+                                        TQ_SCALE_ROW(t), scale_bytes, factors, sum);
                 for (int q = 0; q < m; q++)
                     partial[q][t] = t < rows ? sum[q] : _mm512_setzero_ps();
             }
@@ -671,34 +709,37 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
             _mm512_storeu_ps(sums, total);
             for (int t = 0; t < rows; t++) {
                 const uint8_t *row = block + t * row_bytes;
-                float acc = sums[t];
+                float acc = sums[t], part = 0.0f;
                 for (ptrdiff_t j = width; j < d; j++)
-                    acc += queries[q * d + j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+                    part += queries[q * d + j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+                acc += scale_block != NULL ? tq_block_factor(TQ_SCALE_ROW(t), width / 16, factors) * part : part;
                 float value = (float)(scales[i0 + t] * (double)acc);
                 dst[t] = accumulate ? dst[t] + value : value;
                 if (high != NULL && dst[t] > high[q])
                     high[q] = dst[t];
             }
         }
+#undef TQ_SCALE_ROW
     }
 }
 
-TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
-                                                const int bits, const float *centroids,
-                                                const float *queries, ptrdiff_t m, ptrdiff_t d,
-                                                const double *scales, float *out,
-                                                ptrdiff_t out_stride, int accumulate, float *high)
+/* Returns -1 (nothing written) when out of memory, else 0. scale_codes NULL: plain codes. */
+TQ_LUT_AVX512_INLINE int tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
+                                               const int bits, const float *centroids,
+                                               const float *queries, ptrdiff_t m, ptrdiff_t d,
+                                               const double *scales, float *out,
+                                               ptrdiff_t out_stride, int accumulate, float *high,
+                                               const uint8_t *scale_codes, ptrdiff_t scale_bytes,
+                                               const float *factors)
 {
     float *lane_queries = (float *)malloc(sizeof(float) * (size_t)(m * d + 1));
-    if (lane_queries == NULL) {
-        tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
-                               out_stride, accumulate, high);
-        return;
-    }
-#define TQ_AVX512_SCORES_FOR(K) tq_lut_scores_avx512_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, high, lane_queries)
+    if (lane_queries == NULL)
+        return -1;
+#define TQ_AVX512_SCORES_FOR(K) tq_lut_scores_avx512_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, high, lane_queries, scale_codes, scale_bytes, factors)
     TQ_LUT_DISPATCH4(m, TQ_AVX512_SCORES_FOR)
 #undef TQ_AVX512_SCORES_FOR
     free(lane_queries);
+    return 0;
 }
 
 TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_t n, ptrdiff_t row_bytes,
@@ -706,9 +747,13 @@ TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_
                                            ptrdiff_t m, ptrdiff_t d, const double *scales, float *out,
                                            ptrdiff_t out_stride, int accumulate, float *high)
 {
-#define TQ_AVX512_SCORES_BITS(K) tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high)
+    int status = 0;
+#define TQ_AVX512_SCORES_BITS(K) status = tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high, NULL, 0, NULL)
     TQ_LUT_DISPATCH8(bits, TQ_AVX512_SCORES_BITS)
 #undef TQ_AVX512_SCORES_BITS
+    if (status < 0)
+        tq_lut_scores_portable(codes, n, row_bytes, bits, centroids, queries, m, d, scales, out,
+                               out_stride, accumulate, high);
 }
 
 /* `count` pairs from pair p0 for m queries (m * count <= 8), the accumulators
@@ -718,7 +763,9 @@ TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_
 TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, const uint8_t *codes,
                                             ptrdiff_t n, ptrdiff_t row_bytes, const int bits,
                                             const float *weights, const int m, ptrdiff_t p0,
-                                            const int count, ptrdiff_t d, float *acc)
+                                            const int count, ptrdiff_t d, float *acc,
+                                            const uint8_t *scale_codes, ptrdiff_t scale_bytes,
+                                            const float *factors)
 {
     __m512 a[8][2];
     for (int q = 0; q < m; q++)
@@ -731,8 +778,11 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, con
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
         __m512 lo[4], hi[4];
-        for (int k = 0; k < count; k++)
+        for (int k = 0; k < count; k++) {
             tq_lut_decode_pair(dec, row, p0 + k, bits, &lo[k], &hi[k]);
+            if (scale_codes != NULL)
+                tq_lut_scale_pair(scale_codes + i * scale_bytes, factors, p0 + k, bits, &lo[k], &hi[k]);
+        }
         for (int q = 0; q < m; q++) {
             const __m512 w = _mm512_set1_ps(weights[q * TQ_LUT_WEIGHT_ROWS + i]);
             for (int k = 0; k < count; k++) {
@@ -753,16 +803,20 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_pairs(const tq_lut_decoder16 *dec, con
 TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_impl(const uint8_t *codes, ptrdiff_t n,
                                                       ptrdiff_t row_bytes, const int bits,
                                                       const float *centroids, const float *weights,
-                                                      const int m, ptrdiff_t d, float *acc)
+                                                      const int m, ptrdiff_t d, float *acc,
+                                                      const uint8_t *scale_codes, ptrdiff_t scale_bytes,
+                                                      const float *factors)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
     const ptrdiff_t blocks = d / 16, pairs = blocks / 2;
     const int count = m <= 2 ? 4 : 2;   /* at most 16 accumulators */
     ptrdiff_t p0 = 0;
     for (; p0 + count <= pairs; p0 += count)
-        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, m, p0, count, d, acc);
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, m, p0, count, d, acc, scale_codes,
+                              scale_bytes, factors);
     for (; p0 < pairs; p0++)
-        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, m, p0, 1, d, acc);
+        tq_lut_weighted_pairs(&dec, codes, n, row_bytes, bits, weights, m, p0, 1, d, acc, scale_codes,
+                              scale_bytes, factors);
     for (int q = 0; q < m; q++) {
         const float *w = weights + q * TQ_LUT_WEIGHT_ROWS;
         float *sums = acc + q * d;
@@ -771,14 +825,20 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_impl(const uint8_t *codes, 
             __m512 a = _mm512_loadu_ps(sums + 16 * h);
             if (TQ_LUT_INTERLEAVED(bits))
                 a = tq_lut_interleave(a);
-            for (ptrdiff_t i = 0; i < n; i++)
-                a = _mm512_fmadd_ps(tq_lut_decode16(&dec, codes + i * row_bytes, h, bits), _mm512_set1_ps(w[i]), a);
+            for (ptrdiff_t i = 0; i < n; i++) {
+                __m512 v = tq_lut_decode16(&dec, codes + i * row_bytes, h, bits);
+                if (scale_codes != NULL)
+                    v = _mm512_mul_ps(v, _mm512_set1_ps(tq_block_factor(scale_codes + i * scale_bytes, h, factors)));
+                a = _mm512_fmadd_ps(v, _mm512_set1_ps(w[i]), a);
+            }
             _mm512_storeu_ps(sums + 16 * h, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
         }
         for (ptrdiff_t i = 0; i < n && 16 * blocks < d; i++) {
             const uint8_t *row = codes + i * row_bytes;
+            const float wi = scale_codes != NULL ? w[i] * tq_block_factor(scale_codes + i * scale_bytes, blocks, factors)
+                                                 : w[i];
             for (ptrdiff_t j = 16 * blocks; j < d; j++)
-                sums[j] += w[i] * centroids[tq_lut_index(row, j, bits, row_bytes)];
+                sums[j] += wi * centroids[tq_lut_index(row, j, bits, row_bytes)];
         }
     }
 }
@@ -787,9 +847,11 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_impl(const uint8_t *codes, 
 TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_bits(const uint8_t *codes, ptrdiff_t n,
                                                       ptrdiff_t row_bytes, const int bits,
                                                       const float *centroids, const float *weights,
-                                                      ptrdiff_t m, ptrdiff_t d, float *acc)
+                                                      ptrdiff_t m, ptrdiff_t d, float *acc,
+                                                      const uint8_t *scale_codes, ptrdiff_t scale_bytes,
+                                                      const float *factors)
 {
-#define TQ_AVX512_SUM_FOR(K) tq_lut_weighted_sum_avx512_impl(codes, n, row_bytes, bits, centroids, weights, K, d, acc)
+#define TQ_AVX512_SUM_FOR(K) tq_lut_weighted_sum_avx512_impl(codes, n, row_bytes, bits, centroids, weights, K, d, acc, scale_codes, scale_bytes, factors)
     TQ_LUT_DISPATCH4(m, TQ_AVX512_SUM_FOR)
 #undef TQ_AVX512_SUM_FOR
 }
@@ -799,7 +861,7 @@ TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, pt
                                                  int bits, const float *centroids, const float *weights,
                                                  ptrdiff_t m, ptrdiff_t d, float *acc)
 {
-#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, m, d, acc)
+#define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, m, d, acc, NULL, 0, NULL)
     TQ_LUT_DISPATCH8(bits, TQ_AVX512_SUM_BITS)
 #undef TQ_AVX512_SUM_BITS
 }

@@ -692,6 +692,8 @@ class QuantizedKVCache:
         if not regions.n_sinks + regions.n_recent:
             return None
         parts = [r for r, count in ((regions.sinks, regions.n_sinks), (regions.recent, regions.n_recent)) if count]
+        if len(parts) == 1:
+            return tuple(parts[0][name].astype(FULL_PRECISION, copy=False) for name in ("k", "v"))
         return tuple(np.concatenate([part[name] for part in parts]).astype(FULL_PRECISION, copy=False)
                      for name in ("k", "v"))
 

@@ -1,7 +1,8 @@
-"""Decode attention speed of the KV-cache presets against the 4-bit MSE fused path.
+"""Decode attention speed of every KV-cache configuration against the 4-bit MSE fused path.
 
-    python bench/preset_speed.py                # markdown table
-    python bench/preset_speed.py --rounds 50 --threads 1
+    python bench/attention_speed.py                       # markdown table
+    python bench/attention_speed.py --rounds 50 --threads 1
+    python bench/attention_speed.py --configs balanced 8/8
 
 Per case, caches of every configuration hold the same ``n`` random tokens
 (float32 standard normal keys with an offset of 0.5, values, queries); one
@@ -10,7 +11,7 @@ decode read is timed: ``QuantizedKVCache.attention_output`` of one float32 query
 head (grouped-query attention). The baseline is ``KVCacheConfig(dim)``: 4-bit
 MSE keys and values, the fused float32 kernel. Rounds of all configurations are
 interleaved so they see the same machine load; the table gives the minimum over
-the rounds and ``time / baseline time`` (the presets' target: <= 1.5).
+the rounds and ``time / baseline time`` (target: <= 1.5).
 """
 
 import argparse
@@ -32,7 +33,21 @@ import turboquant as tq  # noqa: E402
 from reference import environment_lines, load_average, source_digest  # noqa: E402
 
 BASELINE = "4-bit MSE"
-PRESETS = ("balanced", "compact", "lossless")
+#: name -> KVCacheConfig options (a preset's name: the preset).
+CONFIGS = {
+    "balanced": "balanced",
+    "compact": "compact",
+    "lossless": "lossless",
+    "4/4 + 4 sinks + 32 recent": dict(sink_tokens=4, residual_tokens=32),
+    "5/3": dict(key_bits=5, value_bits=3),
+    "5/5": dict(key_bits=5, value_bits=5),
+    "6/6": dict(key_bits=6, value_bits=6),
+    "7/7": dict(key_bits=7, value_bits=7),
+    "8/8": dict(key_bits=8, value_bits=8),
+    "2/2": dict(key_bits=2, value_bits=2),
+    "centered + 4 outliers": dict(center_keys=True, outlier_channels=4),
+    "Prod 4": dict(key_strategy="prod"),
+}
 #: (label, heads, query heads, dim, n); heads == 0 is one QuantizedKVCache.
 CASES = (
     ("one head", 0, 1, 64, 4096),
@@ -43,9 +58,12 @@ CASES = (
 )
 
 
-def configs(dim):
+def configs(dim, names):
     out = {BASELINE: tq.KVCacheConfig(dim)}
-    out.update({name: tq.KVCacheConfig.preset(name, dim) for name in PRESETS})
+    for name in names:
+        options = CONFIGS[name]
+        out[name] = (tq.KVCacheConfig.preset(options, dim) if isinstance(options, str)
+                     else tq.KVCacheConfig(dim, **options))
     return out
 
 
@@ -66,11 +84,11 @@ def make_reader(config, heads, query_heads, n, n_threads, rng_seed=0):
     return lambda: cache.attention_output_all(queries, n_threads=n_threads)
 
 
-def time_case(case, rounds, n_threads):
+def time_case(case, names, rounds, n_threads):
     """``{config name: [seconds per round]}``, rounds interleaved."""
     _, heads, query_heads, dim, n = case
     readers = {name: make_reader(config, heads, query_heads, n, n_threads)
-               for name, config in configs(dim).items()}
+               for name, config in configs(dim, names).items()}
     timings = {name: [] for name in readers}
     for reader in readers.values():
         reader()                               # warm-up
@@ -83,18 +101,18 @@ def time_case(case, rounds, n_threads):
     return timings
 
 
-def table(results, command, load_at_start):
+def table(results, names, command, load_at_start):
+    """One row per configuration, per case its time and ``time / baseline``."""
     lines = [f"Command: `{command}`", ""]
     lines += [f"- {line}" for line in environment_lines(load_at_start, source_digest())]
-    lines += ["", "| case | dim | n | " + " | ".join(f"{name} us" for name in [BASELINE, *PRESETS])
-              + " | " + " | ".join(f"{name} / base" for name in PRESETS) + " |",
-              "|---|---:|---:|" + "---:|" * (1 + 2 * len(PRESETS))]
-    for (label, _, _, dim, n), timings in results:
-        best = {name: min(values) for name, values in timings.items()}
-        base = best[BASELINE]
-        cells = [f"{best[name] * 1e6:.0f}" for name in [BASELINE, *PRESETS]]
-        cells += [f"{best[name] / base:.2f}" for name in PRESETS]
-        lines.append(f"| {label} | {dim} | {n} | " + " | ".join(cells) + " |")
+    header = [f"{label}, d={dim}, n={n}" for (label, _, _, dim, n), _ in results]
+    lines += ["", "| configuration | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    for name in [BASELINE, *names]:
+        cells = []
+        for _, timings in results:
+            best, base = min(timings[name]), min(timings[BASELINE])
+            cells.append(f"{best * 1e6:.0f} us" + ("" if name == BASELINE else f" ({best / base:.2f}x)"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -102,17 +120,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per configuration (default 30)")
     parser.add_argument("--threads", type=int, default=None, help="n_threads of every call (default: OpenMP's)")
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations timed against the baseline (default: all)")
     args = parser.parse_args(argv)
     load_at_start = load_average()
     results = []
     for case in CASES:
-        timings = time_case(case, args.rounds, args.threads)
+        timings = time_case(case, args.configs, args.rounds, args.threads)
         results.append((case, timings))
         print(f"{case[0]} d={case[3]} n={case[4]}: " + ", ".join(
             f"{name} {min(values) * 1e6:.0f} us" for name, values in timings.items()), file=sys.stderr, flush=True)
-    command = "python bench/preset_speed.py" + ("" if not (argv or sys.argv[1:]) else
+    command = "python bench/attention_speed.py" + ("" if not (argv or sys.argv[1:]) else
                                                 " " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(table(results, command, load_at_start))
+    print(table(results, args.configs, command, load_at_start))
 
 
 if __name__ == "__main__":
