@@ -163,3 +163,26 @@ def block_weighted_sum(
     codes: _U8, block_codes: _U8, bits: int, centroids: _F64, factors: _F64, scales: _F64,
     weights: _F64, out: _F64, n_threads: int,
 ) -> None: ...
+def rotate_heads(
+    x: npt.NDArray[np.float32],
+    rotations: npt.NDArray[np.uintp],
+    rounds: int,
+    block: int,
+    inverse: bool,
+    out: npt.NDArray[np.float32],
+    n_threads: int,
+    variant: str | None = None,
+) -> None: ...
+def quantize_heads(
+    x: npt.NDArray[np.float32],
+    rotations: npt.NDArray[np.uintp],
+    rounds: int,
+    block: int,
+    boundaries: _F64,
+    centroids: _F64,
+    bits: int,
+    norms: _F64,
+    codes: _U8,
+    n_threads: int,
+    variant: str | None = None,
+) -> None: ...
