@@ -168,3 +168,89 @@ def quantize_heads(const float[:, :, ::1] x, const uintptr_t[::1] rotations, Py_
                                                &codes[h, first, 0], row_bytes, NULL, <float*> mine)
     finally:
         free(scratch)
+
+
+def small_code_attention_ragged(const uintptr_t[::1] key_codes, const uintptr_t[::1] key_norms,
+                                Py_ssize_t key_bytes, int key_bits, const double[::1] key_centroids,
+                                const uintptr_t[::1] value_codes, const uintptr_t[::1] value_norms,
+                                Py_ssize_t value_bytes, int value_bits, const double[::1] value_centroids,
+                                const Py_ssize_t[::1] lengths, const float[:, :, ::1] queries,
+                                const uintptr_t[::1] key_rotations, const uintptr_t[::1] value_rotations,
+                                double scale, float[:, :, ::1] out, int n_threads, variant=None, *,
+                                const uintptr_t[::1] key_block_scales=None, Py_ssize_t key_block_bytes=0,
+                                const double[::1] key_factors=None,
+                                const uintptr_t[::1] value_block_scales=None, Py_ssize_t value_block_bytes=0,
+                                const double[::1] value_factors=None, float[:, ::1] lse=None):
+    """:func:`small_code_attention_heads` with a number of rows per head.
+
+    Head ``h`` attends over its own ``lengths[h]`` rows (a head with none gets
+    zeros, and a log-sum-exp of -inf), so the heads of several caches of
+    different lengths (the rows of a batch) run in one call. Each head's result
+    is :func:`small_code_attention_heads`'s for that head, whatever the thread
+    count. The parameters are those of :func:`small_code_attention_heads`,
+    with ``lengths`` in place of ``n``:
+
+    Parameters
+    ----------
+    lengths : (heads,) intp
+        Rows of every head, >= 0.
+    """
+    cdef int level = begin_call(variant)
+    cdef Py_ssize_t heads = queries.shape[0], m = queries.shape[1], d = queries.shape[2], h, rows = 0
+    cdef coded_rows* sides
+    cdef coded_rows key_base, value_base
+    cdef int failed = 0
+    check_addresses(key_codes, heads)
+    check_addresses(key_norms, heads)
+    check_addresses(value_codes, heads)
+    check_addresses(value_norms, heads)
+    check_addresses(key_rotations, heads)
+    check_addresses(value_rotations, heads)
+    check_addresses(key_block_scales, heads)
+    check_addresses(value_block_scales, heads)
+    if lengths.shape[0] != heads:
+        raise ValueError(f"expected {heads} lengths, got {lengths.shape[0]}")
+    for h in range(heads):
+        if lengths[h] < 0:
+            raise ValueError(f"lengths must be >= 0, got {lengths[h]}")
+        rows += lengths[h]
+    if out.shape[0] != heads or out.shape[1] != m or out.shape[2] != d:
+        raise ValueError(f"out must be ({heads}, {m}, {d})")
+    if lse is not None and (lse.shape[0] != heads or lse.shape[1] != m):
+        raise ValueError(f"lse must be ({heads}, {m}), got ({lse.shape[0]}, {lse.shape[1]})")
+    out[:, :, :] = 0.0
+    if lse is not None:
+        lse[:, :] = -INFINITY
+    if rows == 0 or m == 0:
+        return
+    set_coded_rows(&key_base, NULL, NULL, key_bytes, key_bits, key_centroids,
+                   <const uint8_t*> (1 if key_block_scales is not None else 0), key_block_bytes, key_factors)
+    set_coded_rows(&value_base, NULL, NULL, value_bytes, value_bits, value_centroids,
+                   <const uint8_t*> (1 if value_block_scales is not None else 0), value_block_bytes,
+                   value_factors)
+    sides = <coded_rows*> malloc(2 * heads * sizeof(coded_rows))
+    if sides == NULL:
+        raise MemoryError()
+    for h in range(heads):
+        sides[2 * h] = key_base
+        sides[2 * h].codes, sides[2 * h].norms = <const uint8_t*> key_codes[h], <const float*> key_norms[h]
+        sides[2 * h].blocks = NULL if key_block_scales is None else <const uint8_t*> key_block_scales[h]
+        sides[2 * h + 1] = value_base
+        sides[2 * h + 1].codes = <const uint8_t*> value_codes[h]
+        sides[2 * h + 1].norms = <const float*> value_norms[h]
+        sides[2 * h + 1].blocks = NULL if value_block_scales is None else <const uint8_t*> value_block_scales[h]
+    with nogil, parallel(num_threads=threads_for_codes(
+            rows * m * (key_bytes + value_bytes + key_base.block_bytes + value_base.block_bytes),
+            min(<Py_ssize_t> n_threads, heads))):
+        tq_team_note()
+        for h in prange(heads, schedule="dynamic"):
+            if lengths[h] == 0:
+                continue
+            if attend_small_codes(&sides[2 * h], &sides[2 * h + 1], lengths[h], &queries[h, 0, 0], m, d,
+                                  NULL if key_rotations is None else <const float*> key_rotations[h],
+                                  NULL if value_rotations is None else <const float*> value_rotations[h],
+                                  scale, &out[h, 0, 0], NULL if lse is None else &lse[h, 0], 1, level) < 0:
+                failed += 1
+    free(sides)
+    if failed:
+        raise MemoryError()
