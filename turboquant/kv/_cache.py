@@ -954,108 +954,15 @@ class MultiHeadKVCache:
     def _sides(self):
         """(keys, values) :class:`HeadCodecs` of the fast step, either None where it does not apply."""
         if self._step_sides is None:
-            heads = self._heads
-            keys = None
-            if heads[0]._keys._small:
-                keys = HeadCodecs.of([head._keys.main for head in heads], "main.")
-            values = HeadCodecs.of([head._values.codec for head in heads], VALUE_PREFIX)
-            self._step_sides = (keys, values)
+            self._step_sides = _step_sides(self._heads)
         return self._step_sides
 
     def _fast_step(self, keys, values, queries, scale, n_threads):
         """:meth:`step` for float32 inputs over fused-kernel codes with every sink
         token in and at least one coded token after the push: the (num_query_heads,
         m, head_dim) float32 outputs, or None (nothing changed) where it does not apply."""
-        if keys.dtype != F32 or values.dtype != F32 or queries.dtype != F32:
-            return None
-        key_side, value_side = self._sides()
-        if key_side is None or value_side is None:
-            return None
-        heads, c = self._heads, self.config.head_config
-        first = heads[0]
-        n_sinks, n_coded, n_recent = len(first._sinks), len(first._quantized), len(first._recent)
-        if n_sinks != c.sink_tokens:
-            return None
-        for head in heads:
-            if (len(head._sinks) != n_sinks or len(head._quantized) != n_coded or len(head._recent) != n_recent
-                    or (c.center_keys and head._keys.center is None)):
-                return None
-        # The token joins the recent window, whose oldest row (or, without a
-        # window, the token itself) is coded; the sliding window drops the
-        # oldest coded rows.
-        window = c.residual_tokens
-        overflow = n_recent + 1 > window
-        total = n_sinks + n_coded + n_recent + 1
-        evict = max(0, total - c.max_tokens) if c.max_tokens else 0
-        n_after = n_coded - evict + overflow
-        if evict > n_coded or n_after == 0:
-            return None
-        g, m = self.config.group_size, queries.shape[1]
-        rows = g * m
-        if key_side.block == 0 and not (key_side.rotates_in_kernel(rows) and value_side.rotates_in_kernel(rows)):
-            return None
-
-        # Everything that can fail, before any head changes.
-        centers = np.stack([head._keys.center for head in heads]) if c.center_keys else None
-        coded = None
-        if overflow:
-            if window:
-                coded_keys = np.stack([head._recent.live("k")[0] for head in heads]).astype(F32)
-                coded_values = np.stack([head._recent.live("v")[0] for head in heads]).astype(F32)
-            else:
-                coded_keys, coded_values = keys, values
-            if centers is not None:
-                coded_keys = coded_keys - centers
-            coded = key_side.encode(coded_keys, n_threads, "keys")
-            coded.update(value_side.encode(coded_values, n_threads, "values"))
-        if window:
-            residual = first._residual_dtype
-            recent = {"k": keys.astype(residual, copy=False), "v": values.astype(residual, copy=False)}
-
-        for index, head in enumerate(heads):
-            head._quantized.drop_front(evict)
-            if coded is not None:
-                head._quantized.append_one(coded, index)
-            if window:
-                head._recent.drop_front(int(overflow))
-                head._recent.append_one(recent, index)
-        return self._fast_attention(key_side, value_side, queries, scale, n_threads, centers)
-
-    def _fast_attention(self, key_side, value_side, queries, scale, n_threads, centers):
-        """:meth:`attention_output_all` of checked float32 (num_query_heads, m, d)
-        queries over every held token, heads in one fused kernel call (the
-        conditions of :meth:`_fast_step` hold)."""
-        heads, d = self._heads, self.head_dim
-        grouped = queries.reshape(self.num_heads, -1, d)
-        rows = grouped.shape[1]
-        coded = [head._quantized for head in heads]
-        n = len(coded[0])
-        key_codes, key_norms, key_blocks, key_keep = key_side.fused_operands(coded)
-        value_codes, value_norms, value_blocks, value_keep = value_side.fused_operands(coded)
-        if key_side.block == 0:
-            rotated, key_rotations, value_rotations = grouped, key_side.forward, value_side.backward
-        else:
-            rotated, key_rotations, value_rotations = key_side.rotate(grouped, n_threads), None, None
-        n_exact = len(heads[0]._sinks) + len(heads[0]._recent)
-        out = np.empty((self.num_heads, rows, d), dtype=np.float32)
-        lse = np.empty((self.num_heads, rows), dtype=np.float32) if n_exact else None
-        _core.small_code_attention_heads(
-            key_codes, key_norms, key_side.row_bytes, key_side.bits, key_side.centroids,
-            value_codes, value_norms, value_side.row_bytes, value_side.bits, value_side.centroids,
-            n, rotated, key_rotations, value_rotations, scale, out, n_threads,
-            key_block_scales=key_blocks, key_block_bytes=key_side.block_bytes, key_factors=key_side.factors,
-            value_block_scales=value_blocks, value_block_bytes=value_side.block_bytes,
-            value_factors=value_side.factors, lse=lse)
-        del key_keep, value_keep
-        if value_rotations is None:
-            out = value_side.rotate(out, n_threads, inverse=True)
-        if n_exact:
-            exact = [np.concatenate([np.stack([head._sinks.live(name) for head in heads]),
-                                     np.stack([head._recent.live(name) for head in heads])], axis=1)
-                     .astype(FULL_PRECISION, copy=False) for name in ("k", "v")]
-            out = _merge_exact_rows(out, lse, grouped, exact[0], exact[1], scale,
-                                    None if centers is None else centers[:, None, :])
-        return out.reshape(self.num_query_heads, -1, d)
+        out = _fast_steps([self], self._sides(), keys[None], values[None], queries[None], scale, n_threads)
+        return None if out is None else out[0]
 
     def _grouped_queries(self, queries):
         arr = as_array(queries, "queries")
@@ -1202,6 +1109,128 @@ class MultiHeadKVCache:
         c = self.config
         return (f"MultiHeadKVCache(kv_heads={c.num_heads}, query_heads={c.num_query_heads}, "
                 f"head_dim={self.head_dim}, tokens={self.num_tokens}, head={self._heads[0]!r})")
+
+
+def _step_sides(heads):
+    """(keys, values) :class:`HeadCodecs` over ``heads`` (caches of one config), either None
+    where the multi-head kernels do not serve them."""
+    keys = HeadCodecs.of([head._keys.main for head in heads], "main.") if heads[0]._keys._small else None
+    return keys, HeadCodecs.of([head._values.codec for head in heads], VALUE_PREFIX)
+
+
+def _fast_steps(layers, sides, keys, values, queries, scale, n_threads):
+    """A decode step of every layer of ``layers`` (multi-head caches of one config,
+    possibly of different lengths) in one encode and one attention kernel call.
+
+    ``sides`` are the layers' heads' :class:`HeadCodecs` (layer-major); ``keys``
+    and ``values`` checked (layers, heads, d) arrays, ``queries`` checked
+    (layers, query heads, m, d). Returns the (layers, query heads, m, d) float32
+    outputs, or None (nothing changed) unless every input is float32, the codes
+    are the fused kernels', every layer holds its sink tokens and as many recent
+    tokens as the others, and every layer has a coded token after the push.
+    """
+    key_side, value_side = sides
+    if (key_side is None or value_side is None or keys.dtype != F32 or values.dtype != F32
+            or queries.dtype != F32):
+        return None
+    c = layers[0].config.head_config
+    n_recent = len(layers[0]._heads[0]._recent)
+    window = c.residual_tokens
+    overflow = n_recent + 1 > window
+    evictions, lengths = [], []
+    for layer in layers:
+        first = layer._heads[0]
+        n_sinks, n_coded = len(first._sinks), len(first._quantized)
+        if n_sinks != c.sink_tokens or len(first._recent) != n_recent:
+            return None
+        for head in layer._heads:
+            if (len(head._sinks) != n_sinks or len(head._quantized) != n_coded or len(head._recent) != n_recent
+                    or (c.center_keys and head._keys.center is None)):
+                return None
+        # The token joins the recent window, whose oldest row (or, without a
+        # window, the token itself) is coded; the sliding window drops the
+        # oldest coded rows.
+        total = n_sinks + n_coded + n_recent + 1
+        evict = max(0, total - c.max_tokens) if c.max_tokens else 0
+        if evict > n_coded or n_coded - evict + overflow == 0:
+            return None
+        evictions.append(evict)
+        lengths.append(n_coded - evict + overflow)
+    heads = [head for layer in layers for head in layer._heads]
+    d = c.dim
+    grouped = queries.reshape(len(heads), -1, d)
+    if key_side.block == 0 and not (key_side.rotates_in_kernel(grouped.shape[1])
+                                    and value_side.rotates_in_kernel(grouped.shape[1])):
+        return None
+
+    # Everything that can fail, before any head changes.
+    centers = np.stack([head._keys.center for head in heads]) if c.center_keys else None
+    coded = None
+    if overflow:
+        if window:
+            coded_keys = np.stack([head._recent.live("k")[0] for head in heads]).astype(F32)
+            coded_values = np.stack([head._recent.live("v")[0] for head in heads]).astype(F32)
+        else:
+            coded_keys, coded_values = keys.reshape(len(heads), d), values.reshape(len(heads), d)
+        if centers is not None:
+            coded_keys = coded_keys - centers
+        coded = key_side.encode(coded_keys, n_threads, "keys")
+        coded.update(value_side.encode(coded_values, n_threads, "values"))
+    if window:
+        residual = heads[0]._residual_dtype
+        recent = {"k": keys.reshape(len(heads), d).astype(residual, copy=False),
+                  "v": values.reshape(len(heads), d).astype(residual, copy=False)}
+
+    per_layer = layers[0].num_heads
+    for index, head in enumerate(heads):
+        head._quantized.drop_front(evictions[index // per_layer])
+        if coded is not None:
+            head._quantized.append_one(coded, index)
+        if window:
+            head._recent.drop_front(int(overflow))
+            head._recent.append_one(recent, index)
+    lengths = np.repeat(np.array(lengths, dtype=np.intp), per_layer)
+    out = _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_threads, centers)
+    return out.reshape(queries.shape)
+
+
+def _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_threads, centers):
+    """The (heads, rows, d) float32 attention of checked float32 (heads, rows, d)
+    queries ``grouped`` over every token of ``heads``, ``lengths`` (heads,) coded
+    rows each (at least one somewhere), in one fused kernel call; every head holds
+    as many sink and recent tokens as the others."""
+    d = grouped.shape[2]
+    coded = [head._quantized for head in heads]
+    key_codes, key_norms, key_blocks, key_keep = key_side.fused_operands(coded)
+    value_codes, value_norms, value_blocks, value_keep = value_side.fused_operands(coded)
+    if key_side.block == 0:
+        rotated, key_rotations, value_rotations = grouped, key_side.forward, value_side.backward
+    else:
+        rotated, key_rotations, value_rotations = key_side.rotate(grouped, n_threads), None, None
+    n_exact = len(heads[0]._sinks) + len(heads[0]._recent)
+    out = np.empty(grouped.shape, dtype=np.float32)
+    lse = np.empty(grouped.shape[:2], dtype=np.float32) if n_exact else None
+    common = (key_codes, key_norms, key_side.row_bytes, key_side.bits, key_side.centroids,
+              value_codes, value_norms, value_side.row_bytes, value_side.bits, value_side.centroids)
+    options = dict(key_block_scales=key_blocks, key_block_bytes=key_side.block_bytes, key_factors=key_side.factors,
+                   value_block_scales=value_blocks, value_block_bytes=value_side.block_bytes,
+                   value_factors=value_side.factors, lse=lse)
+    if (lengths == lengths[0]).all():
+        _core.small_code_attention_heads(*common, int(lengths[0]), rotated, key_rotations, value_rotations,
+                                         scale, out, n_threads, **options)
+    else:
+        _core.small_code_attention_ragged(*common, lengths, rotated, key_rotations, value_rotations,
+                                          scale, out, n_threads, **options)
+    del key_keep, value_keep  # what the norm addresses pointed into, kept alive until here
+    if value_rotations is None:
+        out = value_side.rotate(out, n_threads, inverse=True)
+    if n_exact:
+        exact = [np.concatenate([np.stack([head._sinks.live(name) for head in heads]),
+                                 np.stack([head._recent.live(name) for head in heads])], axis=1)
+                 .astype(FULL_PRECISION, copy=False) for name in ("k", "v")]
+        out = _merge_exact_rows(out, lse, grouped, exact[0], exact[1], scale,
+                                None if centers is None else centers[:, None, :])
+    return out
 
 
 def _merge_exact_rows(out, lse, queries, keys, values, scale, center):

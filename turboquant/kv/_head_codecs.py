@@ -148,9 +148,11 @@ class HeadCodecs:
         if not self.block_scaled:
             norms = np.array([buffer.address(p + "norms") for buffer in buffers], dtype=np.uintp)
             return codes, norms, None, None
-        # float16 scales, widened for the kernel: every head's in one array.
-        widened = np.stack([buffer.live(p + "norms") for buffer in buffers]).astype(F32)
-        norms = (widened.ctypes.data + widened.strides[0] * np.arange(self.heads)).astype(np.uintp)
+        # float16 scales, widened for the kernel: every head's after the other's in one array.
+        scales = [buffer.live(p + "norms") for buffer in buffers]
+        widened = np.concatenate(scales).astype(F32)
+        starts = np.cumsum([0] + [len(part) for part in scales[:-1]])
+        norms = (widened.ctypes.data + widened.itemsize * starts).astype(np.uintp)
         blocks = np.array([buffer.address(p + "block_scales") for buffer in buffers], dtype=np.uintp)
         return codes, norms, blocks, widened
 
