@@ -1225,9 +1225,11 @@ def _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_thre
     if value_rotations is None:
         out = value_side.rotate(out, n_threads, inverse=True)
     if n_exact:
-        exact = [np.concatenate([np.stack([head._sinks.live(name) for head in heads]),
-                                 np.stack([head._recent.live(name) for head in heads])], axis=1)
-                 .astype(FULL_PRECISION, copy=False) for name in ("k", "v")]
+        # Straight to the float64 the merge computes in (float16 and float32 rows convert exactly).
+        regions = [buffers for buffers in ([head._sinks for head in heads], [head._recent for head in heads])
+                   if len(buffers[0])]
+        exact = [np.concatenate([np.stack([buffer.live(name) for buffer in buffers]) for buffers in regions],
+                                axis=1, dtype=np.float64) for name in ("k", "v")]
         out = _merge_exact_rows(out, lse, grouped, exact[0], exact[1], scale,
                                 None if centers is None else centers[:, None, :])
     return out
@@ -1246,12 +1248,12 @@ def _merge_exact_rows(out, lse, queries, keys, values, scale, center):
     lse = lse.astype(np.float64)
     if center is not None:
         lse = lse + scale * np.matmul(queries, np.swapaxes(center, -1, -2).astype(np.float64))[..., 0]
-    logits = scale * np.matmul(queries, np.swapaxes(keys, -1, -2).astype(np.float64))
+    logits = scale * np.matmul(queries, np.swapaxes(keys, -1, -2).astype(np.float64, copy=False))
     high = np.maximum(lse, logits.max(axis=-1))
     coded = np.exp(lse - high)
     weights = np.exp(logits - high[..., None])
     total = coded + weights.sum(axis=-1)
-    merged = coded[..., None] * out + np.matmul(weights, values.astype(np.float64))
+    merged = coded[..., None] * out + np.matmul(weights, values.astype(np.float64, copy=False))
     return (merged / total[..., None]).astype(np.float32)
 
 

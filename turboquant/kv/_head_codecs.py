@@ -150,7 +150,7 @@ class HeadCodecs:
             return codes, norms, None, None
         # float16 scales, widened for the kernel: every head's after the other's in one array.
         scales = [buffer.live(p + "norms") for buffer in buffers]
-        widened = np.concatenate(scales).astype(F32)
+        widened = np.concatenate(scales, dtype=F32)
         starts = np.cumsum([0] + [len(part) for part in scales[:-1]])
         norms = (widened.ctypes.data + widened.itemsize * starts).astype(np.uintp)
         blocks = np.array([buffer.address(p + "block_scales") for buffer in buffers], dtype=np.uintp)
