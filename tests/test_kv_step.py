@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import turboquant as tq
 from turboquant._kernels import _core
 from turboquant.kv._cache import MultiHeadKVCache
-from turboquant.quant._codec import BlockMSECodec, MSECodec
+from turboquant.kv._head_codecs import HeadCodecs
+from turboquant.quant._codec import SMALL_CODE_BITS, BlockMSECodec, MSECodec
 
 AVAILABLE = _core._kernel_variants()
 
@@ -242,7 +243,9 @@ def test_presets_and_default_take_the_fast_path(fast_steps):
 
 
 def test_per_head_path_for_what_the_fused_kernels_do_not_serve(fast_steps):
-    for name in ["5/6 bits", "outliers", "prod", "lossless"]:
+    wide = [name for name in ("5/6 bits", "lossless")
+            if make_config(CONFIGS[name], 32).key_bits > SMALL_CODE_BITS]
+    for name in ["outliers", "prod", *wide]:
         a, b = pair(make_config(CONFIGS[name], 32), prompt=10)
         fast_steps.clear()
         run_both(a, b, 2, np.random.default_rng(10))
@@ -427,14 +430,12 @@ def codecs(kind, dim, bits, rotation, heads):
 @pytest.mark.parametrize("rotation", ["dense", "hadamard"])
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_rotate_heads_matches_the_single_head_rotation(variant, dim, rotation, m):
-    from turboquant.kv._head_codecs import HeadCodecs
     heads = 3
     side = HeadCodecs.of(codecs("mse", dim, 2, rotation, heads), "")
     rng = np.random.default_rng(dim)
     x = rng.standard_normal((heads, m, dim)).astype(np.float32)
     with _core._use_kernel_variant(variant):
-        if rotation == "dense" and not side.rotates_in_kernel(m):
-            pytest.skip("rows beyond the small products")
+        assert rotation == "hadamard" or side.rotates_in_kernel(m)
         forward = side.rotate(x, 2)
         backward = side.rotate(x, 2, inverse=True)
         for h, codec in enumerate(codecs("mse", dim, 2, rotation, heads)):
@@ -442,17 +443,18 @@ def test_rotate_heads_matches_the_single_head_rotation(variant, dim, rotation, m
             np.testing.assert_array_equal(backward[h], codec.unrotate(x[h], 1))
 
 
+# Block-scaled codes need 16 or more coordinates and have 1..4 bits.
+ENCODE_CASES = ([("mse", dim, bits) for dim in (2, 16, 97, 128) for bits in (1, 2, 3, 4, 5, 8)]
+                + [("block", dim, bits) for dim in (16, 97, 128) for bits in (1, 2, 3, 4)])
+
+
 @pytest.mark.parametrize("variant", AVAILABLE)
-@pytest.mark.parametrize("kind", ["mse", "block"])
-@pytest.mark.parametrize("dim", [2, 16, 97, 128])
+@pytest.mark.parametrize(("kind", "dim", "bits"), ENCODE_CASES)
 @pytest.mark.parametrize("rotation", ["dense", "hadamard"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_encode_matches_each_heads_codec(variant, kind, dim, rotation, bits):
-    from turboquant.kv._head_codecs import HeadCodecs
-    if kind == "block" and dim < 16:
-        dim = 16
     heads = 4
-    side = HeadCodecs.of(codecs(kind, dim, bits, rotation, heads), "p.")
+    # The constructor, not HeadCodecs.of: the encode kernels take codes of any width.
+    side = HeadCodecs(codecs(kind, dim, bits, rotation, heads), "p.")
     rng = np.random.default_rng(bits)
     rows = (rng.standard_normal((heads, dim)) * rng.uniform(0.1, 10, (heads, 1))).astype(np.float32)
     rows[-1] = 0.0
