@@ -1,4 +1,4 @@
-/* Float32 scoring and weighted sums straight from packed codes of 1 to 4 bits.
+/* Float32 scoring and weighted sums straight from packed codes of 1 to 8 bits.
  *
  * A code row holds `d` indices of `bits` bits as a little-endian bit stream,
  * so eight consecutive indices fill exactly `bits` bytes (a "group"). With at
@@ -6,8 +6,11 @@
  * path broadcasts a group's 32-bit word, shifts lane k right by k*bits and
  * looks the centroids up with a lane permute (a blend on the index's top bit
  * for 4 bits), so eight coordinates are decoded with a handful of
- * instructions and no table in memory. Coordinates past the last whole group
- * are done one by one.
+ * instructions and no table in memory. Wider codes (5 to 8 bits, "wide") are
+ * unpacked into one index per lane with shifts (and, on AVX-512, a byte
+ * shuffle) and looked up with two-register permutes (5 and 6 bits on AVX-512)
+ * or a gather from the codebook in memory. Coordinates past the last whole
+ * group are done one by one.
  *
  *   tq_lut_scores:       out[q, i] (+)= scales[i] * sum_j queries[q, j] * c[idx(i, j)]
  *   tq_lut_weighted_sum: acc[q, j] +=  sum_i (float)(weights[q, i] * scales[i]) * c[idx(i, j)]
@@ -40,7 +43,22 @@
     default: CALL(4); break;                                                      \
     }
 
-#define TQ_LUT_MAX_BITS 4
+/* CALL(k) with the literal k equal to `value` (1 .. 7, or 8 for anything else). */
+#define TQ_LUT_DISPATCH8(value, CALL)                                             \
+    switch (value) {                                                              \
+    case 1: CALL(1); break;                                                       \
+    case 2: CALL(2); break;                                                       \
+    case 3: CALL(3); break;                                                       \
+    case 4: CALL(4); break;                                                       \
+    case 5: CALL(5); break;                                                       \
+    case 6: CALL(6); break;                                                       \
+    case 7: CALL(7); break;                                                       \
+    default: CALL(8); break;                                                      \
+    }
+
+#define TQ_LUT_MAX_BITS 8
+/* Widths decoded with an in-register codebook of at most 16 entries. */
+#define TQ_LUT_NARROW_BITS 4
 /* Queries scored or summed together per pass over the codes (the decode is shared). */
 #define TQ_LUT_MAX_QUERIES 4
 /* Rows per block of the weighted sums, whose weights are scaled first (per query). */
@@ -117,22 +135,30 @@ static void tq_lut_weighted_sum_portable(const uint8_t *codes, ptrdiff_t n, ptrd
 #define TQ_LUT_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) static inline
 
 /* Decoder state of one codebook: both halves of the 16 centroids and the
- * per-lane shifts. */
+ * per-lane shifts; for wide codes the whole codebook in memory, gathered from. */
 typedef struct {
     __m256 low, high;
     __m256i shift, top_shift, mask;
+    float table[1 << TQ_LUT_MAX_BITS];
 } tq_lut_decoder;
 
 TQ_LUT_AVX2_INLINE tq_lut_decoder tq_lut_decoder_make(const float *centroids, const int bits)
 {
     tq_lut_decoder dec;
     float padded[16] = {0};
+    dec.mask = _mm256_set1_epi32((1 << bits) - 1);
+    dec.top_shift = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    if (bits > TQ_LUT_NARROW_BITS) {
+        const int s = (4 * bits) & 7;
+        memcpy(dec.table, centroids, sizeof(float) * ((size_t)1 << bits));
+        dec.low = dec.high = _mm256_setzero_ps();
+        dec.shift = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, s, s + bits, s + 2 * bits, s + 3 * bits);
+        return dec;
+    }
     memcpy(padded, centroids, sizeof(float) * ((size_t)1 << bits));
     dec.low = _mm256_loadu_ps(padded);
     dec.high = _mm256_loadu_ps(padded + 8);
     dec.shift = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
-    dec.top_shift = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
-    dec.mask = _mm256_set1_epi32((1 << bits) - 1);
     return dec;
 }
 
@@ -164,6 +190,41 @@ TQ_LUT_AVX2_INLINE __m256i tq_lut_group_word(const uint8_t *row, ptrdiff_t g, co
     return _mm256_set1_epi32((int)tq_lut_short_word(p, bits));
 }
 
+/* Groups whose loads (tq_lut_group_word, or both of tq_lut_decode_wide's) lie inside the row. */
+TQ_LUT_AVX2_INLINE ptrdiff_t tq_lut_fast_groups(ptrdiff_t row_bytes, const int bits)
+{
+    const ptrdiff_t reach = 4 + (bits > TQ_LUT_NARROW_BITS ? (4 * bits) >> 3 : 0);
+    return row_bytes >= reach ? (row_bytes - reach) / bits + 1 : 0;
+}
+
+/* Centroids of the eight wide (5 to 8-bit) indices of group g: the dword at
+ * the group's first byte holds indices 0-3, the one (4 * bits) / 8 bytes on
+ * holds indices 4-7 (from bit 4 when bits is odd); a gather looks them up. */
+TQ_LUT_AVX2_INLINE __m256 tq_lut_decode_wide(const tq_lut_decoder *dec, const uint8_t *row, ptrdiff_t g,
+                                         const int bits, ptrdiff_t fast_groups)
+{
+    const uint8_t *p = row + g * bits;
+    const int second = (4 * bits) >> 3;
+    __m256i words;
+    if (g < fast_groups)
+        words = _mm256_blend_epi32(_mm256_broadcastd_epi32(_mm_loadu_si32(p)),
+                                   _mm256_broadcastd_epi32(_mm_loadu_si32(p + second)), 0xF0);
+    else
+        words = _mm256_blend_epi32(_mm256_set1_epi32((int)tq_lut_short_word(p, 4)),
+                                   _mm256_set1_epi32((int)tq_lut_short_word(p + second, bits - second)), 0xF0);
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(words, dec->shift), dec->mask);
+    return _mm256_i32gather_ps(dec->table, idx, 4);
+}
+
+/* Centroids of the eight indices of group g, any width. */
+TQ_LUT_AVX2_INLINE __m256 tq_lut_group_values(const tq_lut_decoder *dec, const uint8_t *row, ptrdiff_t g,
+                                          const int bits, ptrdiff_t fast_groups)
+{
+    if (bits > TQ_LUT_NARROW_BITS)
+        return tq_lut_decode_wide(dec, row, g, bits, fast_groups);
+    return tq_lut_decode(dec, tq_lut_group_word(row, g, bits, fast_groups), bits);
+}
+
 TQ_LUT_AVX2_INLINE float tq_lut_hsum(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -180,7 +241,7 @@ TQ_LUT_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t 
 {
     const tq_lut_decoder dec = tq_lut_decoder_make(centroids, bits);
     const ptrdiff_t groups = d / 8, pairs = groups / 2;
-    const ptrdiff_t fast_groups = row_bytes >= 4 ? (row_bytes - 4) / bits + 1 : 0;
+    const ptrdiff_t fast_groups = tq_lut_fast_groups(row_bytes, bits);
     for (ptrdiff_t i = 0; i < n; i++) {
         const uint8_t *row = codes + i * row_bytes;
         __m256 even[TQ_LUT_MAX_QUERIES], odd[TQ_LUT_MAX_QUERIES];
@@ -188,15 +249,15 @@ TQ_LUT_AVX2_INLINE void tq_lut_scores_avx2_impl(const uint8_t *codes, ptrdiff_t 
             even[q] = odd[q] = _mm256_setzero_ps();
         /* Two accumulators per query: the FMA chains of even and odd groups overlap. */
         for (ptrdiff_t p = 0; p < pairs; p++) {
-            __m256 a = tq_lut_decode(&dec, tq_lut_group_word(row, 2 * p, bits, fast_groups), bits);
-            __m256 b = tq_lut_decode(&dec, tq_lut_group_word(row, 2 * p + 1, bits, fast_groups), bits);
+            __m256 a = tq_lut_group_values(&dec, row, 2 * p, bits, fast_groups);
+            __m256 b = tq_lut_group_values(&dec, row, 2 * p + 1, bits, fast_groups);
             for (int q = 0; q < m; q++) {
                 even[q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(queries + q * d + 16 * p), even[q]);
                 odd[q] = _mm256_fmadd_ps(b, _mm256_loadu_ps(queries + q * d + 16 * p + 8), odd[q]);
             }
         }
         if (groups & 1) {
-            __m256 a = tq_lut_decode(&dec, tq_lut_group_word(row, groups - 1, bits, fast_groups), bits);
+            __m256 a = tq_lut_group_values(&dec, row, groups - 1, bits, fast_groups);
             for (int q = 0; q < m; q++)
                 even[q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(queries + q * d + 8 * (groups - 1)), even[q]);
         }
@@ -231,7 +292,7 @@ TQ_LUT_AVX2_FN static void tq_lut_scores_avx2(const uint8_t *codes, ptrdiff_t n,
                                        ptrdiff_t out_stride, int accumulate, float *high)
 {
 #define TQ_AVX2_SCORES_BITS(K) tq_lut_scores_avx2_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high)
-    TQ_LUT_DISPATCH4(bits, TQ_AVX2_SCORES_BITS)
+    TQ_LUT_DISPATCH8(bits, TQ_AVX2_SCORES_BITS)
 #undef TQ_AVX2_SCORES_BITS
 }
 
@@ -248,8 +309,7 @@ TQ_LUT_AVX2_INLINE void tq_lut_weighted_block8(const tq_lut_decoder *dec, const 
         const uint8_t *row = codes + i * row_bytes;
         const __m256 w = _mm256_broadcast_ss(weights + i);
         for (int k = 0; k < 8; k++)
-            a[k] = _mm256_fmadd_ps(tq_lut_decode(dec, tq_lut_group_word(row, g0 + k, bits, fast_groups), bits),
-                                   w, a[k]);
+            a[k] = _mm256_fmadd_ps(tq_lut_group_values(dec, row, g0 + k, bits, fast_groups), w, a[k]);
     }
     for (int k = 0; k < 8; k++)
         _mm256_storeu_ps(acc + 8 * (g0 + k), a[k]);
@@ -262,7 +322,7 @@ TQ_LUT_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrd
 {
     const tq_lut_decoder dec = tq_lut_decoder_make(centroids, bits);
     const ptrdiff_t groups = d / 8;
-    const ptrdiff_t fast_groups = row_bytes >= 4 ? (row_bytes - 4) / bits + 1 : 0;
+    const ptrdiff_t fast_groups = tq_lut_fast_groups(row_bytes, bits);
     ptrdiff_t g0 = 0;
     for (; g0 + 8 <= groups; g0 += 8)
         tq_lut_weighted_block8(&dec, codes, n, row_bytes, bits, weights, g0, fast_groups, acc);
@@ -270,8 +330,7 @@ TQ_LUT_AVX2_INLINE void tq_lut_weighted_sum_avx2_bits(const uint8_t *codes, ptrd
         __m256 a = _mm256_loadu_ps(acc + 8 * g);
         for (ptrdiff_t i = 0; i < n; i++) {
             const __m256 w = _mm256_broadcast_ss(weights + i);
-            a = _mm256_fmadd_ps(tq_lut_decode(&dec, tq_lut_group_word(codes + i * row_bytes, g, bits, fast_groups), bits),
-                                w, a);
+            a = _mm256_fmadd_ps(tq_lut_group_values(&dec, codes + i * row_bytes, g, bits, fast_groups), w, a);
         }
         _mm256_storeu_ps(acc + 8 * g, a);
     }
@@ -288,7 +347,7 @@ TQ_LUT_AVX2_FN static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdif
                                              ptrdiff_t d, float *acc)
 {
 #define TQ_AVX2_SUM_BITS(K) tq_lut_weighted_sum_avx2_bits(codes, n, row_bytes, K, centroids, weights, d, acc)
-    TQ_LUT_DISPATCH4(bits, TQ_AVX2_SUM_BITS)
+    TQ_LUT_DISPATCH8(bits, TQ_AVX2_SUM_BITS)
 #undef TQ_AVX2_SUM_BITS
 }
 
@@ -299,15 +358,27 @@ TQ_LUT_AVX2_FN static void tq_lut_weighted_sum_avx2(const uint8_t *codes, ptrdif
  *   3 bits:    the dword at the block's first byte for lanes 0-7 and the one
  *              3 bytes further for lanes 8-15; lane k is coordinate k;
  *   4 bits:    one qword; lane 2k is coordinate k and lane 2k+1 coordinate
- *              8 + k ("interleaved": queries and sums are permuted to match). */
-#define TQ_LUT_AVX512_FN __attribute__((target("avx512f,avx512dq,avx2,fma")))
-#define TQ_LUT_AVX512_INLINE __attribute__((target("avx512f,avx512dq,avx2,fma"), always_inline)) static inline
+ *              8 + k ("interleaved": queries and sums are permuted to match);
+ *   5-7 bits:  the block's 16 bytes in every 128-bit lane; a byte shuffle puts
+ *              the two bytes holding index k into lane k, a shift and a mask
+ *              finish it; lane k is coordinate k;
+ *   8 bits:    one byte per lane, zero-extended.
+ * Wide indices are looked up in two (5 bits) or four (6 bits) registers with
+ * two-register permutes, or gathered from the codebook in memory (7, 8 bits). */
+#ifndef TQ_LUT_PERMUTE_BITS
+#define TQ_LUT_PERMUTE_BITS 7   /* wider codes are gathered */
+#endif
+#define TQ_LUT_AVX512_FN __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define TQ_LUT_AVX512_INLINE __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"), always_inline)) static inline
 #define TQ_LUT_INTERLEAVED(bits) ((bits) == 4)
 
 typedef struct {
     __m512 table;
     __m512i shift, mask;
     ptrdiff_t fast_blocks; /* blocks whose broadcasts lie inside the row */
+    __m512i pick;          /* wide: the byte shuffle */
+    __m512 wide[8];        /* 5 to 7 bits: the codebook in registers */
+    float lut[1 << TQ_LUT_MAX_BITS]; /* 8 bits: the codebook gathered from */
 } tq_lut_decoder16;
 
 TQ_LUT_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroids, const int bits,
@@ -315,9 +386,33 @@ TQ_LUT_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroi
 {
     tq_lut_decoder16 dec;
     float padded[16] = {0};
+    dec.mask = _mm512_set1_epi32((1 << bits) - 1);
+    if (bits > TQ_LUT_NARROW_BITS) {
+        float wide[128] = {0};
+        int shifts[16];
+        uint8_t pick[64];
+        for (int k = 0; k < 16; k++) {
+            const int byte = (k * bits) >> 3;
+            shifts[k] = (k * bits) & 7;
+            pick[4 * k] = (uint8_t)byte;
+            pick[4 * k + 1] = (uint8_t)(byte + 1 < 16 ? byte + 1 : 0x80);
+            pick[4 * k + 2] = pick[4 * k + 3] = 0x80;   /* zero */
+        }
+        dec.table = _mm512_setzero_ps();
+        dec.shift = _mm512_loadu_si512(shifts);
+        dec.pick = _mm512_loadu_si512(pick);
+        if (bits <= TQ_LUT_PERMUTE_BITS) {
+            memcpy(wide, centroids, sizeof(float) * ((size_t)1 << bits));
+            for (int k = 0; k < 8; k++)
+                dec.wide[k] = _mm512_loadu_ps(wide + 16 * k);
+        } else {
+            memcpy(dec.lut, centroids, sizeof(float) * ((size_t)1 << bits));
+        }
+        dec.fast_blocks = 0;
+        return dec;
+    }
     memcpy(padded, centroids, sizeof(float) * ((size_t)1 << bits));
     dec.table = _mm512_loadu_ps(padded);
-    dec.mask = _mm512_set1_epi32((1 << bits) - 1);
     if (bits == 4) {
         dec.shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
         dec.fast_blocks = row_bytes >= 8 ? (row_bytes - 8) / 8 + 1 : 0;
@@ -333,10 +428,39 @@ TQ_LUT_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroi
     return dec;
 }
 
+/* Centroids of the 16 wide indices of block h: its 2 * bits bytes, with a
+ * masked load (nothing past them is read). */
+TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16_wide(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
+                                             const int bits)
+{
+    const __m128i raw = _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1u), row + 2 * h * bits);
+    __m512i idx;
+    if (bits == 8)
+        idx = _mm512_cvtepu8_epi32(raw);
+    else
+        idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(raw), dec->pick),
+                                                 dec->shift), dec->mask);
+    if (bits == 5)
+        return _mm512_permutex2var_ps(dec->wide[0], idx, dec->wide[1]);
+    if (bits > TQ_LUT_PERMUTE_BITS)
+        return _mm512_i32gather_ps(idx, dec->lut, 4);
+    const __mmask16 bit5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    __m512 value = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(dec->wide[0], idx, dec->wide[1]),
+                                        _mm512_permutex2var_ps(dec->wide[2], idx, dec->wide[3]));
+    if (bits == 7) {
+        const __m512 upper = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(dec->wide[4], idx, dec->wide[5]),
+                                                  _mm512_permutex2var_ps(dec->wide[6], idx, dec->wide[7]));
+        value = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(64)), value, upper);
+    }
+    return value;
+}
+
 /* Centroids of coordinates 16h .. 16h+15 of a row, in the lane order above. */
 TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
                                         const int bits)
 {
+    if (bits > TQ_LUT_NARROW_BITS)
+        return tq_lut_decode16_wide(dec, row, h, bits);
     const uint8_t *p = row + 2 * h * bits;
     const int fast = h < dec->fast_blocks;
     __m512i words;
@@ -583,7 +707,7 @@ TQ_LUT_AVX512_FN static void tq_lut_scores_avx512(const uint8_t *codes, ptrdiff_
                                            ptrdiff_t out_stride, int accumulate, float *high)
 {
 #define TQ_AVX512_SCORES_BITS(K) tq_lut_scores_avx512_bits(codes, n, row_bytes, K, centroids, queries, m, d, scales, out, out_stride, accumulate, high)
-    TQ_LUT_DISPATCH4(bits, TQ_AVX512_SCORES_BITS)
+    TQ_LUT_DISPATCH8(bits, TQ_AVX512_SCORES_BITS)
 #undef TQ_AVX512_SCORES_BITS
 }
 
@@ -676,7 +800,7 @@ TQ_LUT_AVX512_FN static void tq_lut_weighted_sum_avx512(const uint8_t *codes, pt
                                                  ptrdiff_t m, ptrdiff_t d, float *acc)
 {
 #define TQ_AVX512_SUM_BITS(K) tq_lut_weighted_sum_avx512_bits(codes, n, row_bytes, K, centroids, weights, m, d, acc)
-    TQ_LUT_DISPATCH4(bits, TQ_AVX512_SUM_BITS)
+    TQ_LUT_DISPATCH8(bits, TQ_AVX512_SUM_BITS)
 #undef TQ_AVX512_SUM_BITS
 }
 #endif

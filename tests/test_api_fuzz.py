@@ -290,8 +290,6 @@ def test_codec_refuses_what_kernels_would_read_out_of_bounds():
         wide.decode_rotated(np.zeros((2, 5), dtype=np.uint8), np.ones(2), np.float64, 1)
     with pytest.raises(tq.LengthMismatchError, match="norms has 3 entries"):
         wide.attention_operands(np.zeros((2, 24), dtype=np.uint8), np.ones(3, dtype=np.float32))
-    with pytest.raises(tq.IncompatibleCodesError, match="at most 4 bits"):
-        MSECodec(8, 5, 0, "dense").attention_operands(np.zeros((1, 5), dtype=np.uint8), np.ones(1, np.float32))
     with pytest.raises(tq.ShapeError, match="C-contiguous"):
         wide.score_rotated(np.zeros((4, 48), dtype=np.uint8)[:, ::2], np.ones(4), np.ones((1, 64)))
     with pytest.raises(tq.InvalidParameterError, match="read-only"):

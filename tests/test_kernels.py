@@ -25,8 +25,8 @@ EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
 DTYPES = (np.float32, np.float64)
 THREADS = (1, 2)
-#: float32 queries and weights with at most this many bits use the float32 kernels of include/tq_lut.h
-SMALL_CODE_BITS = 4
+#: float32 queries and weights with at most this many bits (all) use the float32 kernels of include/tq_lut.h
+SMALL_CODE_BITS = 8
 
 KERNEL_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 

@@ -20,7 +20,7 @@ import turboquant as tq
 from turboquant._kernels import _core
 from turboquant.kv._cache import MultiHeadKVCache
 from turboquant.kv._head_codecs import HeadCodecs
-from turboquant.quant._codec import SMALL_CODE_BITS, BlockMSECodec, MSECodec
+from turboquant.quant._codec import BlockMSECodec, MSECodec
 
 AVAILABLE = _core._kernel_variants()
 
@@ -235,17 +235,16 @@ def test_results_do_not_depend_on_the_thread_count(name):
 
 
 def test_presets_and_default_take_the_fast_path(fast_steps):
-    for name in ["default", "balanced", "compact", "hadamard", "window evict", "sinks evict"]:
+    for name in ["default", "balanced", "compact", "lossless", "5/6 bits", "hadamard", "window evict",
+                 "sinks evict"]:
         a, b = pair(make_config(CONFIGS[name], 32), heads=2, group=4, prompt=50)
         fast_steps.clear()
         run_both(a, b, 4, np.random.default_rng(9))
         assert all(fast_steps) and len(fast_steps) == 4, name
 
 
-def test_per_head_path_for_what_the_fused_kernels_do_not_serve(fast_steps):
-    wide = [name for name in ("5/6 bits", "lossless")
-            if make_config(CONFIGS[name], 32).key_bits > SMALL_CODE_BITS]
-    for name in ["outliers", "prod", *wide]:
+def test_keys_of_several_coded_parts_take_the_per_head_path(fast_steps):
+    for name in ["outliers", "explicit outliers", "prod"]:
         a, b = pair(make_config(CONFIGS[name], 32), prompt=10)
         fast_steps.clear()
         run_both(a, b, 2, np.random.default_rng(10))

@@ -22,33 +22,42 @@ cdef inline Py_ssize_t small_code_chunk(Py_ssize_t n) noexcept nogil:
 
 # Queries per pass of small_code_attention over the codes (bounds its scratch).
 DEF ATTENTION_QUERY_BLOCK = 16
+# Coded parts of a key whose scores add up (main and outlier channels, each an
+# MSE stage and optionally the QJL signs of its residual).
+DEF MAX_KEY_SIDES = 4
 
 
 cdef struct coded_rows:
-    # One side (keys or values) of the fused attention: n rows of packed
-    # ``bits``-bit codes and float32 norms, and optionally block-scale codes
-    # (``blocks`` NULL for plain MSE codes).
+    # One side (values, or one coded part of the keys) of the fused attention:
+    # n rows of packed ``bits``-bit codes and float32 norms, and optionally
+    # block-scale codes (``blocks`` NULL for plain MSE codes). Row i is scaled
+    # by ``norms[i] * norms2[i] * factor`` (``norms2`` NULL for 1). A key part
+    # is scored against its own (m, width) float32 ``queries``.
     const uint8_t* codes
     const float* norms
+    const float* norms2
+    double factor
     Py_ssize_t row_bytes
     int bits
-    float centroids[16]
+    float centroids[1 << TQ_LUT_MAX_BITS]
     const uint8_t* blocks
     Py_ssize_t block_bytes
     float factors[16]
+    const float* queries
+    Py_ssize_t width
 
 
 cdef inline void rows_scores(int level, const coded_rows* rows, Py_ssize_t start, Py_ssize_t count,
                              const float* queries, Py_ssize_t m, Py_ssize_t d, const double* scales,
-                             float* out, Py_ssize_t out_stride, float* high) noexcept nogil:
+                             float* out, Py_ssize_t out_stride, int accumulate, float* high) noexcept nogil:
     """Scores of rows ``start .. start + count - 1`` (tq_lut_scores or tq_block_scores)."""
     if rows.blocks == NULL:
         tq_lut_scores(level, rows.codes + start * rows.row_bytes, count, rows.row_bytes, rows.bits,
-                      rows.centroids, queries, m, d, scales + start, out, out_stride, 0, high)
+                      rows.centroids, queries, m, d, scales + start, out, out_stride, accumulate, high)
     else:
         tq_block_scores(level, rows.codes + start * rows.row_bytes, rows.blocks + start * rows.block_bytes,
                         count, rows.row_bytes, rows.block_bytes, rows.bits, rows.centroids, rows.factors,
-                        queries, m, d, scales + start, out, out_stride, 0, high)
+                        queries, m, d, scales + start, out, out_stride, accumulate, high)
 
 
 cdef inline void rows_weighted_sum(int level, const coded_rows* rows, Py_ssize_t start, Py_ssize_t count,
@@ -64,21 +73,36 @@ cdef inline void rows_weighted_sum(int level, const coded_rows* rows, Py_ssize_t
                               weights, weight_stride, m, scales + start, d, acc)
 
 
-cdef int attend_small_codes(const coded_rows* keys, const coded_rows* values, Py_ssize_t n,
-                            const float* queries, Py_ssize_t m, Py_ssize_t d, const float* key_rotation,
+cdef inline double row_scale(const coded_rows* rows, Py_ssize_t i) noexcept nogil:
+    """The scale of row ``i``: ``norms[i] * norms2[i] * factor``."""
+    cdef double value = rows.norms[i] * rows.factor
+    if rows.norms2 != NULL:
+        value = value * rows.norms2[i]
+    return value
+
+
+cdef int attend_small_codes(const coded_rows* keys, int key_sides, const coded_rows* values, Py_ssize_t n,
+                            Py_ssize_t m, Py_ssize_t d, const float* key_rotation,
                             const float* value_rotation, double scale, float* out, float* lse,
                             int n_threads, int level) noexcept nogil:
     """The body of :func:`small_code_attention` on raw pointers (rows C-contiguous,
-    either rotation NULL for none) on kernel variant ``level``; ``out`` (m, d) is
-    written, and ``lse`` (m,) too unless NULL. Returns -1 when out of memory, else 0."""
+    either rotation NULL for none; a key rotation only with one key side, of
+    width ``d``) on kernel variant ``level``: a key's score is the sum of its
+    ``key_sides`` parts' scores, each against that part's queries. ``out`` (m, d)
+    is written, and ``lse`` (m,) too unless NULL. Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t chunk = small_code_chunk(n), n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t block = min(m, <Py_ssize_t> ATTENTION_QUERY_BLOCK), c, q, q0, i, j, start, count, b0, mb
-    cdef Py_ssize_t code_bytes = keys.row_bytes + values.row_bytes + keys.block_bytes + values.block_bytes
-    cdef int team = threads_for_codes(n * m * code_bytes, min(<Py_ssize_t> n_threads, n_chunks))
+    cdef Py_ssize_t code_bytes = values.row_bytes + values.block_bytes
+    cdef int team, s
     cdef float high
     cdef double total
+    cdef const float* queries[MAX_KEY_SIDES]
+    for s in range(key_sides):
+        code_bytes = code_bytes + keys[s].row_bytes + keys[s].block_bytes
+        queries[s] = keys[s].queries
+    team = threads_for_codes(n * m * code_bytes, min(<Py_ssize_t> n_threads, n_chunks))
     # All scratch in one block: the doubles first, then the floats.
-    cdef Py_ssize_t doubles = d + n_chunks * block + 2 * n
+    cdef Py_ssize_t doubles = d + n_chunks * block + (key_sides + 1) * n
     cdef Py_ssize_t floats = 2 * m * d + block * n + n_chunks * block + n_chunks * block * d
     cdef double* scratch = <double*> malloc(doubles * sizeof(double) + floats * sizeof(float))
     if scratch == NULL:
@@ -86,17 +110,20 @@ cdef int attend_small_codes(const coded_rows* keys, const coded_rows* values, Py
     cdef double* acc = scratch
     cdef double* chunk_sum = acc + d
     cdef double* scales = chunk_sum + n_chunks * block
-    cdef float* rotated = <float*> (scales + 2 * n)
+    cdef double* value_scales = scales + key_sides * n
+    cdef float* rotated = <float*> (value_scales + n)
     cdef float* target = rotated + m * d if value_rotation != NULL else out
     cdef float* logits = rotated + 2 * m * d
     cdef float* chunk_max = logits + block * n
     cdef float* partial = chunk_max + n_chunks * block
     if key_rotation != NULL:
-        tq_small_product_f(level, queries, m, d, key_rotation, rotated)
-        queries = rotated
+        tq_small_product_f(level, queries[0], m, d, key_rotation, rotated)
+        queries[0] = rotated
+    for s in range(key_sides):
+        for i in range(n):
+            scales[s * n + i] = row_scale(&keys[s], i) * scale     # the scores come out as logits
     for i in range(n):
-        scales[i] = keys.norms[i] * scale        # the scores come out as logits
-        scales[n + i] = values.norms[i]
+        value_scales[i] = row_scale(values, i)
     b0 = 0
     while b0 < m:
         mb = min(block, m - b0)
@@ -110,9 +137,12 @@ cdef int attend_small_codes(const coded_rows* keys, const coded_rows* values, Py
                     chunk_max[c * mb + q] = -INFINITY
                 q0 = 0
                 while q0 < mb:
-                    rows_scores(level, keys, start, count, queries + (b0 + q0) * d,
-                                min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), d, scales,
-                                logits + q0 * n + start, n, chunk_max + c * mb + q0)
+                    # The parts' scores add up; the maxima are taken on the last.
+                    for s in range(key_sides):
+                        rows_scores(level, &keys[s], start, count, queries[s] + (b0 + q0) * keys[s].width,
+                                    min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), keys[s].width,
+                                    scales + s * n, logits + q0 * n + start, n, s > 0,
+                                    chunk_max + c * mb + q0 if s == key_sides - 1 else NULL)
                     q0 = q0 + TQ_LUT_MAX_QUERIES
         # Numerators exp(logit - max) and their weighted sums, per chunk.
         with parallel(num_threads=team):
@@ -129,7 +159,7 @@ cdef int attend_small_codes(const coded_rows* keys, const coded_rows* values, Py
                 q0 = 0
                 while q0 < mb:
                     rows_weighted_sum(level, values, start, count, logits + q0 * n + start, n,
-                                      min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), scales + n, d,
+                                      min(<Py_ssize_t> TQ_LUT_MAX_QUERIES, mb - q0), value_scales, d,
                                       partial + (c * mb + q0) * d)
                     q0 = q0 + TQ_LUT_MAX_QUERIES
         for q in range(mb):
@@ -158,9 +188,13 @@ cdef set_coded_rows(coded_rows* rows, const uint8_t* codes, const float* norms, 
                     int bits, const double[::1] centroids, const uint8_t* blocks, Py_ssize_t block_bytes,
                     const double[::1] factors):
     """Fill ``rows`` (the float32 tables from the float64 ones; ``blocks`` NULL for plain codes)."""
-    if not 1 <= bits <= 4 or centroids.shape[0] != (1 << bits):
-        raise ValueError(f"fused attention reads 1..4-bit codes with 2**bits centroids, got bits={bits}")
+    if not 1 <= bits <= TQ_LUT_MAX_BITS or centroids.shape[0] != (1 << bits):
+        raise ValueError(f"fused attention reads 1..{TQ_LUT_MAX_BITS}-bit codes with 2**bits centroids, "
+                         f"got bits={bits}")
+    if blocks != NULL and bits > 4:
+        raise ValueError(f"block-scaled codes have 1..4 bits, got bits={bits}")
     rows.codes, rows.norms, rows.row_bytes, rows.bits = codes, norms, row_bytes, bits
+    rows.norms2, rows.factor, rows.queries, rows.width = NULL, 1.0, NULL, 0
     rows.blocks, rows.block_bytes = blocks, (block_bytes if blocks != NULL else 0)
     centroids_f32(centroids, bits, rows.centroids)
     memset(rows.factors, 0, sizeof(rows.factors))
@@ -177,6 +211,30 @@ cdef check_block_codes(const uint8_t[:, ::1] blocks, Py_ssize_t n, Py_ssize_t d)
                          f"got ({blocks.shape[0]}, {blocks.shape[1]})")
 
 
+cdef set_key_part(coded_rows* rows, part, Py_ssize_t n, Py_ssize_t m):
+    """Fill ``rows`` from one ``extra_keys`` tuple of :func:`small_code_attention`
+    (its arrays stay alive with the tuple)."""
+    if not isinstance(part, tuple) or len(part) != 9:
+        raise ValueError("an extra key part is a tuple (codes, bits, centroids, norms, norms2, factor, "
+                         "block_scales, block_factors, queries)")
+    cdef const uint8_t[:, ::1] codes = part[0]
+    cdef const float[::1] norms = part[3]
+    cdef const float[::1] norms2 = part[4]
+    cdef const uint8_t[:, ::1] blocks = part[6]
+    cdef const float[:, ::1] queries = part[8]
+    cdef int bits = part[1]
+    if codes.shape[0] != n or norms.shape[0] != n or (norms2 is not None and norms2.shape[0] != n):
+        raise ValueError(f"every key part needs {n} rows and norms")
+    if queries.shape[0] != m or codes.shape[1] != (queries.shape[1] * bits + 7) // 8:
+        raise ValueError(f"a key part's queries must be ({m}, width) with {codes.shape[1]} code bytes per row")
+    check_block_codes(blocks, n, queries.shape[1])
+    set_coded_rows(rows, &codes[0, 0], &norms[0], codes.shape[1], bits, part[2],
+                   NULL if blocks is None else &blocks[0, 0], 0 if blocks is None else blocks.shape[1], part[7])
+    rows.norms2 = NULL if norms2 is None else &norms2[0]
+    rows.factor = part[5]
+    rows.queries, rows.width = &queries[0, 0], queries.shape[1]
+
+
 def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const double[::1] key_centroids,
                          const float[::1] key_norms, const uint8_t[:, ::1] value_codes, int value_bits,
                          const double[::1] value_centroids, const float[::1] value_norms,
@@ -184,7 +242,7 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
                          const float[:, ::1] value_rotation, double scale, float[:, ::1] out,
                          int n_threads, variant=None, *, const uint8_t[:, ::1] key_block_scales=None,
                          const double[::1] key_factors=None, const uint8_t[:, ::1] value_block_scales=None,
-                         const double[::1] value_factors=None, float[::1] lse=None):
+                         const double[::1] value_factors=None, float[::1] lse=None, extra_keys=()):
     """Softmax attention over MSE-coded keys and values in one pass, float32.
 
     ``out[q] = sum_i softmax_i(scale * <queries[q], k_i>) * v_i`` with
@@ -198,12 +256,12 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     scores and their maxima, then the softmax numerators (a float32
     exponential) and weighted sums are computed per chunk of rows in two
     parallel loops; chunk sums are combined in chunk order, so the result does
-    not depend on the thread count. Codes of 1 to 4 bits only.
+    not depend on the thread count. Codes of 1 to 8 bits (block-scaled: 1 to 4).
 
     Parameters
     ----------
     key_codes : (n, ceil(d*key_bits/8)) uint8
-    key_bits, value_bits : int in 1..4
+    key_bits, value_bits : int in 1..8 (1..4 with block scales)
     key_centroids, value_centroids : (2**bits,) float64
     key_norms, value_norms : (n,) float32
     value_codes : (n, ceil(d*value_bits/8)) uint8
@@ -221,14 +279,30 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
     lse : (m,) float32, optional
         Written with ``log(sum_i exp(scale * <queries[q], k_i>))`` per query, so
         that the caller can merge this softmax with one over other rows.
+    extra_keys : tuple of tuples, optional
+        At most 3 more coded parts of every key, whose scores add to the first
+        part's: each ``(codes (n, ceil(w*bits/8)) uint8, bits, centroids
+        (2**bits,) float64, norms (n,) float32, norms2 (n,) float32 or None,
+        factor, block_scales or None, block_factors or None, queries (m, w)
+        float32)``, row ``i`` scaled by ``norms[i] * norms2[i] * factor``
+        (outlier channels, the QJL signs of Prod codes). With extra parts the
+        first part's width is ``queries.shape[1]`` (any) and ``key_rotation``
+        must be None.
     """
     cdef int level = begin_call(variant)
-    cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = queries.shape[1]
-    cdef coded_rows keys, values
-    cdef int status
+    cdef Py_ssize_t n = key_codes.shape[0], m = queries.shape[0], d = out.shape[1], s
+    cdef coded_rows keys[MAX_KEY_SIDES]
+    cdef coded_rows values
+    cdef int status, key_sides = 1 + len(extra_keys)
+    if key_sides > MAX_KEY_SIDES:
+        raise ValueError(f"at most {MAX_KEY_SIDES - 1} extra key parts, got {key_sides - 1}")
+    if out.shape[0] != m or (key_sides == 1 and queries.shape[1] != d):
+        raise ValueError(f"out must be ({m}, {queries.shape[1]}), got ({out.shape[0]}, {d})")
+    if key_sides > 1 and key_rotation is not None:
+        raise ValueError("a key rotation applies to one key part only")
     check_rotation(key_rotation, d)
     check_rotation(value_rotation, d)
-    check_block_codes(key_block_scales, n, d)
+    check_block_codes(key_block_scales, n, queries.shape[1])
     check_block_codes(value_block_scales, n, d)
     if lse is not None and lse.shape[0] != m:
         raise ValueError(f"lse must have {m} entries, got {lse.shape[0]}")
@@ -237,14 +311,17 @@ def small_code_attention(const uint8_t[:, ::1] key_codes, int key_bits, const do
         lse[:] = -INFINITY
     if n == 0 or m == 0:
         return
-    set_coded_rows(&keys, &key_codes[0, 0], &key_norms[0], key_codes.shape[1], key_bits, key_centroids,
+    set_coded_rows(&keys[0], &key_codes[0, 0], &key_norms[0], key_codes.shape[1], key_bits, key_centroids,
                    NULL if key_block_scales is None else &key_block_scales[0, 0],
                    0 if key_block_scales is None else key_block_scales.shape[1], key_factors)
+    keys[0].queries, keys[0].width = &queries[0, 0], queries.shape[1]
+    for s in range(1, key_sides):
+        set_key_part(&keys[s], extra_keys[s - 1], n, m)
     set_coded_rows(&values, &value_codes[0, 0], &value_norms[0], value_codes.shape[1], value_bits,
                    value_centroids, NULL if value_block_scales is None else &value_block_scales[0, 0],
                    0 if value_block_scales is None else value_block_scales.shape[1], value_factors)
     with nogil:
-        status = attend_small_codes(&keys, &values, n, &queries[0, 0], m, d,
+        status = attend_small_codes(keys, key_sides, &values, n, m, d,
                                     NULL if key_rotation is None else &key_rotation[0, 0],
                                     NULL if value_rotation is None else &value_rotation[0, 0],
                                     scale, &out[0, 0], NULL if lse is None else &lse[0], n_threads, level)
@@ -280,7 +357,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     ----------
     key_codes, key_norms, value_codes, value_norms : (heads,) uintptr
     key_bytes, value_bytes : int, bytes per code row
-    key_bits, value_bits : int in 1..4
+    key_bits, value_bits : int in 1..8 (1..4 with block scales)
     key_centroids, value_centroids : (2**bits,) float64
     n : int, rows per head
     queries : (heads, m, d) float32
@@ -329,6 +406,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
         sides[2 * h] = key_base
         sides[2 * h].codes, sides[2 * h].norms = <const uint8_t*> key_codes[h], <const float*> key_norms[h]
         sides[2 * h].blocks = NULL if key_block_scales is None else <const uint8_t*> key_block_scales[h]
+        sides[2 * h].queries, sides[2 * h].width = &queries[h, 0, 0], d
         sides[2 * h + 1] = value_base
         sides[2 * h + 1].codes = <const uint8_t*> value_codes[h]
         sides[2 * h + 1].norms = <const float*> value_norms[h]
@@ -338,7 +416,7 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
             min(<Py_ssize_t> n_threads, heads))):
         tq_team_note()
         for h in prange(heads, schedule="dynamic"):
-            if attend_small_codes(&sides[2 * h], &sides[2 * h + 1], n, &queries[h, 0, 0], m, d,
+            if attend_small_codes(&sides[2 * h], 1, &sides[2 * h + 1], n, m, d,
                                   NULL if key_rotations is None else <const float*> key_rotations[h],
                                   NULL if value_rotations is None else <const float*> value_rotations[h],
                                   scale, &out[h, 0, 0], NULL if lse is None else &lse[h, 0], 1, level) < 0:
@@ -346,3 +424,70 @@ def small_code_attention_heads(const uintptr_t[::1] key_codes, const uintptr_t[:
     free(sides)
     if failed:
         raise MemoryError()
+
+
+def merge_exact_rows(float[:, :, ::1] out, const float[:, ::1] lse, const float[:, :, ::1] queries,
+                     const float[:, :, ::1] keys, const float[:, :, ::1] values, double scale,
+                     const float[:, ::1] center=None):
+    """Fold exact rows into the softmax of the fused attention kernels, in place, in float64.
+
+    For every head ``h`` and query ``q``, ``out[h, q]`` (the kernel's output
+    over the coded rows) and ``lse[h, q]`` (their log-sum-exp) become the
+    softmax attention over the coded rows and the exact rows ``keys[h]``,
+    ``values[h]`` together. A key center shifts the coded rows' logits by
+    ``scale * <queries[h, q], center[h]>``.
+
+    Parameters
+    ----------
+    out : (heads, m, d) float32, updated
+    lse : (heads, m) float32
+    queries : (heads, m, d) float32, unrotated
+    keys, values : (heads, r, d) float32
+    scale : float
+    center : (heads, d) float32 or None
+    """
+    cdef Py_ssize_t heads = out.shape[0], m = out.shape[1], d = out.shape[2], r = keys.shape[1]
+    cdef Py_ssize_t h, q, i, j
+    cdef double coded, high, weight, total, dot
+    if (lse.shape[0] != heads or lse.shape[1] != m or queries.shape[0] != heads or queries.shape[1] != m
+            or queries.shape[2] != d or keys.shape[0] != heads or keys.shape[2] != d
+            or values.shape[0] != heads or values.shape[1] != r or values.shape[2] != d
+            or (center is not None and (center.shape[0] != heads or center.shape[1] != d))):
+        raise ValueError("merge_exact_rows: out (heads, m, d), lse (heads, m), queries (heads, m, d), "
+                         "keys and values (heads, r, d), center (heads, d)")
+    if heads == 0 or m == 0 or d == 0:
+        return
+    cdef double* scratch = <double*> malloc((r + d) * sizeof(double))
+    if scratch == NULL:
+        raise MemoryError()
+    cdef double* logits = scratch
+    cdef double* acc = scratch + r
+    with nogil:
+        for h in range(heads):
+            for q in range(m):
+                coded = lse[h, q]
+                if center is not None:
+                    dot = 0.0
+                    for j in range(d):
+                        dot = dot + <double> queries[h, q, j] * center[h, j]
+                    coded = coded + scale * dot
+                high = coded
+                for i in range(r):
+                    dot = 0.0
+                    for j in range(d):
+                        dot = dot + <double> queries[h, q, j] * keys[h, i, j]
+                    logits[i] = scale * dot
+                    if logits[i] > high:
+                        high = logits[i]
+                weight = exp(coded - high)
+                total = weight
+                for j in range(d):
+                    acc[j] = weight * out[h, q, j]
+                for i in range(r):
+                    weight = exp(logits[i] - high)
+                    total = total + weight
+                    for j in range(d):
+                        acc[j] = acc[j] + weight * values[h, i, j]
+                for j in range(d):
+                    out[h, q, j] = <float> (acc[j] / total)
+    free(scratch)

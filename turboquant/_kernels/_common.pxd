@@ -3,7 +3,7 @@
 # inline helpers and, through ``cimport *``, the cimports below (not cython.parallel's
 # prange and parallel, which each .pyx cimports itself). It has no module of its own.
 from cython cimport floating
-from libc.math cimport INFINITY, log
+from libc.math cimport INFINITY, exp, log
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset

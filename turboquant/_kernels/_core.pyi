@@ -106,6 +106,18 @@ def small_code_attention(
     value_block_scales: _U8 | None = None,
     value_factors: _F64 | None = None,
     lse: npt.NDArray[np.float32] | None = None,
+    extra_keys: tuple[
+        tuple[_U8, int, _F64, npt.NDArray[np.float32], npt.NDArray[np.float32] | None, float,
+              _U8 | None, _F64 | None, npt.NDArray[np.float32]], ...] = (),
+) -> None: ...
+def merge_exact_rows(
+    out: npt.NDArray[np.float32],
+    lse: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    keys: npt.NDArray[np.float32],
+    values: npt.NDArray[np.float32],
+    scale: float,
+    center: npt.NDArray[np.float32] | None = None,
 ) -> None: ...
 def small_code_attention_heads(
     key_codes: npt.NDArray[np.uintp],

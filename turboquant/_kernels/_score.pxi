@@ -122,7 +122,7 @@ cdef void small_code_scores(const uint8_t[:, ::1] codes, int bits, const double[
     cdef Py_ssize_t m = queries.shape[0], d = queries.shape[1]
     cdef Py_ssize_t n = codes.shape[0], row_bytes = codes.shape[1]
     cdef Py_ssize_t n_chunks = (n + SMALL_CODE_ROWS - 1) // SMALL_CODE_ROWS, c, start, q0
-    cdef float cents[16]
+    cdef float cents[1 << TQ_LUT_MAX_BITS]
     centroids_f32(centroids, bits, cents)
     with parallel(num_threads=threads_for_codes(n * m * row_bytes, min(<Py_ssize_t> n_threads, n_chunks))):
         tq_team_note()
@@ -273,7 +273,7 @@ cdef void small_code_weighted_sum(const uint8_t[:, ::1] codes, int bits, const d
     cdef Py_ssize_t m = weights.shape[0], n = codes.shape[0], d = out.shape[1]
     cdef Py_ssize_t row_bytes = codes.shape[1], n_chunks = (n + chunk - 1) // chunk
     cdef Py_ssize_t c, q, j, start
-    cdef float cents[16]
+    cdef float cents[1 << TQ_LUT_MAX_BITS]
     centroids_f32(centroids, bits, cents)
     with parallel(num_threads=team):
         tq_team_note()

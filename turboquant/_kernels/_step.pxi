@@ -235,6 +235,7 @@ def small_code_attention_ragged(const uintptr_t[::1] key_codes, const uintptr_t[
         sides[2 * h] = key_base
         sides[2 * h].codes, sides[2 * h].norms = <const uint8_t*> key_codes[h], <const float*> key_norms[h]
         sides[2 * h].blocks = NULL if key_block_scales is None else <const uint8_t*> key_block_scales[h]
+        sides[2 * h].queries, sides[2 * h].width = &queries[h, 0, 0], d
         sides[2 * h + 1] = value_base
         sides[2 * h + 1].codes = <const uint8_t*> value_codes[h]
         sides[2 * h + 1].norms = <const float*> value_norms[h]
@@ -246,7 +247,7 @@ def small_code_attention_ragged(const uintptr_t[::1] key_codes, const uintptr_t[
         for h in prange(heads, schedule="dynamic"):
             if lengths[h] == 0:
                 continue
-            if attend_small_codes(&sides[2 * h], &sides[2 * h + 1], lengths[h], &queries[h, 0, 0], m, d,
+            if attend_small_codes(&sides[2 * h], 1, &sides[2 * h + 1], lengths[h], m, d,
                                   NULL if key_rotations is None else <const float*> key_rotations[h],
                                   NULL if value_rotations is None else <const float*> value_rotations[h],
                                   scale, &out[h, 0, 0], NULL if lse is None else &lse[h, 0], 1, level) < 0:

@@ -28,7 +28,7 @@ from .._kernels import _core
 from .._errors import (IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
                        LengthMismatchError, NonFiniteError, ShapeError)
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
-from ..quant._codec import F32, SMALL_CODE_BITS, BlockMSECodec, MSECodec, ProdCodec, check_block
+from ..quant._codec import F32, BlockMSECodec, MSECodec, ProdCodec, check_block
 from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._head_codecs import HeadCodecs
@@ -95,8 +95,7 @@ class _KeyCodec:
         # The public quantizers over the same codecs.
         self.main_quantizer, self.outlier_quantizer = self._quantizer(self.main), self._quantizer(self.outlier)
         self._views = _DerivedViews()
-        self._small = (self.outlier is None and isinstance(self.main, (MSECodec, BlockMSECodec))
-                       and self.main.bits <= SMALL_CODE_BITS)
+        self._small = self.outlier is None and isinstance(self.main, (MSECodec, BlockMSECodec))
         self.reset()
 
     def _codec(self, dim, bits, seed):
@@ -178,9 +177,28 @@ class _KeyCodec:
         return out
 
     def small_codes(self, views):
-        """``(codec, arrays)`` when every key is an MSE code of at most
-        SMALL_CODE_BITS bits (the fused float32 attention kernel applies), else None."""
+        """``(codec, arrays)`` when every key is one MSE code (plain or block-scaled:
+        the multi-head fused float32 attention kernel applies), else None."""
         return (self.main, self.arrays(views)[0]) if self._small else None
+
+    def fused_parts(self, views, queries, rows, n_threads):
+        """The quantized keys (``rows`` of them) for ``_core.small_code_attention``
+        and (m, dim) float32 ``queries``: ``(first FusedSide, its queries, the
+        rotation the kernel applies to them or None, extra key parts)``. A plain
+        or block-scaled MSE code is one part; outlier channels and the QJL signs
+        of Prod codes add parts, each against its own rotated queries."""
+        main, outlier = self.arrays(views)
+        if self._small:
+            rotation = self.main.small_rotation(queries.shape[0])
+            rotated = queries if rotation is not None else self.main.rotate(queries, n_threads)
+            return self.main.fused_side(main, rows), rotated, rotation, ()
+        parts = []
+        for codec, arrays, columns in ((self.main, main, self.rest), (self.outlier, outlier, self.channels)):
+            if codec is not None:
+                block = queries if columns is None else np.ascontiguousarray(queries[:, columns])
+                parts.extend(codec.fused_parts(arrays, rows, block, n_threads))
+        (first, first_queries), extra = parts[0], parts[1:]
+        return first, first_queries, None, tuple(side.key_part(block) for side, block in extra)
 
     @property
     def nbytes(self):
@@ -226,8 +244,8 @@ class _ValueCodec:
         return self.codec.weighted_sum(arrays["indices"], arrays["norms"], weights, n_threads)
 
     def small_codes(self, views):
-        """``(codec, arrays)`` when the values have at most SMALL_CODE_BITS bits, else None."""
-        return (self.codec, self.arrays(views)) if self.codec.bits <= SMALL_CODE_BITS else None
+        """``(codec, arrays)`` for the fused float32 attention kernel (every value codec has one)."""
+        return self.codec, self.arrays(views)
 
     def arrays(self, views):
         """Value arrays over the quantized region's ``views``, under their own names."""
@@ -665,7 +683,7 @@ class QuantizedKVCache:
         """``((key codec, key arrays), (value codec, value arrays))`` when the
         fused float32 kernel applies: float32 ``queries`` and the quantized tokens
         of ``regions`` (default: every held token), at least one, coded with MSE
-        codes (plain or block-scaled) of at most SMALL_CODE_BITS bits and no
+        codes (plain or block-scaled, any width) and no
         outlier channels; else None. Sink and recent tokens are merged after the
         kernel (:func:`_merge_exact_rows`)."""
         if regions is None:
@@ -675,6 +693,11 @@ class QuantizedKVCache:
         keys = self._keys.small_codes(regions.quantized)
         values = self._values.small_codes(regions.quantized)
         return None if keys is None or values is None else (keys, values)
+
+    def _fused_applies(self, queries, regions):
+        """Whether :meth:`_fused_output` serves ``queries`` over ``regions``: float32
+        queries and at least one quantized token (every code has fused kernels)."""
+        return queries.dtype == np.float32 and regions.n_quantized > 0
 
     def _exact_rows(self, regions):
         """``(keys, values)`` of the sink and recent tokens of ``regions`` as float32 (None when none)."""
@@ -687,26 +710,24 @@ class QuantizedKVCache:
     def _fused_output(self, queries, scale, n_threads, regions):
         """The (m, dim) float32 output of the fused float32 kernel, or None where it
         does not apply."""
-        small = self._small_codes(queries, regions)
-        if small is None:
+        if not self._fused_applies(queries, regions):
             return None
-        (key_codec, key_arrays), (value_codec, value_arrays) = small
         m, n = queries.shape[0], regions.n_quantized
-        keys = key_codec.fused_side(key_arrays, n)
-        values = value_codec.fused_side(value_arrays, n)
+        value_codec = self._values.codec
+        keys, rotated, key_rotation, extra_keys = self._keys.fused_parts(regions.quantized, queries, n, n_threads)
+        values = value_codec.fused_side(self._values.arrays(regions.quantized), n)
         exact = self._exact_rows(regions)
         # Dense rotations of a few queries run inside the kernel (same bits).
-        key_rotation = key_codec.small_rotation(m)
         value_rotation = value_codec.small_rotation(m, inverse=True)
-        rotated = queries if key_rotation is not None else key_codec.rotate(queries, n_threads)
-        check_block(rotated, "queries", width=self.dim, dtypes=(F32,))
+        check_block(rotated, "queries", rows=m, dtypes=(F32,))
         out = np.empty((m, self.dim), dtype=np.float32)
         lse = np.empty(m, dtype=np.float32) if exact is not None else None
         _core.small_code_attention(
             keys.codes, keys.bits, keys.centroids, keys.norms, values.codes, values.bits, values.centroids,
             values.norms, rotated, key_rotation, value_rotation, scale, out, n_threads,
             key_block_scales=keys.block_scales, key_factors=keys.factors,
-            value_block_scales=values.block_scales, value_factors=values.factors, lse=lse)
+            value_block_scales=values.block_scales, value_factors=values.factors, lse=lse,
+            extra_keys=extra_keys)
         if value_rotation is None:
             out = value_codec.unrotate(out, n_threads)
         if exact is None:
@@ -877,9 +898,9 @@ class MultiHeadKVCache:
 
         The same as :meth:`push_token_all` followed by :meth:`attention_output_all`
         over the whole cache (the new token included), in one call that
-        validates its inputs once. With float32 inputs and codes the fused
-        kernels read (MSE keys and values of at most 4 bits, plain or
-        block-scaled, no outlier channels) and once the sink tokens are in, the
+        validates its inputs once. With float32 inputs, MSE keys and values
+        (plain or block-scaled, keys without outlier channels) and once the
+        sink tokens are in, the
         token is coded for every head with one kernel call over the heads
         (its own rotation each, the bits the per-head path gives) and every
         head attends in one call of the multi-head fused kernel; other
@@ -1225,36 +1246,35 @@ def _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_thre
     if value_rotations is None:
         out = value_side.rotate(out, n_threads, inverse=True)
     if n_exact:
-        # Straight to the float64 the merge computes in (float16 and float32 rows convert exactly).
         regions = [buffers for buffers in ([head._sinks for head in heads], [head._recent for head in heads])
                    if len(buffers[0])]
         exact = [np.concatenate([np.stack([buffer.live(name) for buffer in buffers]) for buffers in regions],
-                                axis=1, dtype=np.float64) for name in ("k", "v")]
+                                axis=1, dtype=FULL_PRECISION) for name in ("k", "v")]
         out = _merge_exact_rows(out, lse, grouped, exact[0], exact[1], scale,
                                 None if centers is None else centers[:, None, :])
     return out
 
 
 def _merge_exact_rows(out, lse, queries, keys, values, scale, center):
-    """Softmax attention over coded rows and exact rows together, in float64.
+    """Softmax attention over coded rows and exact rows together (``_core.merge_exact_rows``).
 
-    ``out`` (..., m, d) and ``lse`` (..., m) are the fused kernel's output and
+    ``out`` (..., m, d) and ``lse`` (..., m) are the fused kernel's float32 output and
     log-sum-exp over the coded rows; ``keys``/``values`` (..., r, d) the exact
-    rows, ``queries`` (..., m, d) unrotated. A key center shifts the coded rows'
+    rows, ``queries`` (..., m, d) unrotated float32. A key center shifts the coded rows'
     logits by ``scale * <q, center>`` (``center`` (..., 1, d) or None). Returns
     float32 (..., m, d).
     """
-    queries = queries.astype(np.float64)
-    lse = lse.astype(np.float64)
-    if center is not None:
-        lse = lse + scale * np.matmul(queries, np.swapaxes(center, -1, -2).astype(np.float64))[..., 0]
-    logits = scale * np.matmul(queries, np.swapaxes(keys, -1, -2).astype(np.float64, copy=False))
-    high = np.maximum(lse, logits.max(axis=-1))
-    coded = np.exp(lse - high)
-    weights = np.exp(logits - high[..., None])
-    total = coded + weights.sum(axis=-1)
-    merged = coded[..., None] * out + np.matmul(weights, values.astype(np.float64, copy=False))
-    return (merged / total[..., None]).astype(np.float32)
+    shape = out.shape
+    m, d = shape[-2], shape[-1]
+    merged = np.array(out, dtype=np.float32, order="C").reshape(-1, m, d)
+    heads = merged.shape[0]
+    _core.merge_exact_rows(
+        merged, np.ascontiguousarray(lse, dtype=np.float32).reshape(heads, m),
+        np.ascontiguousarray(queries, dtype=np.float32).reshape(heads, m, d),
+        np.ascontiguousarray(keys, dtype=np.float32).reshape(heads, -1, d),
+        np.ascontiguousarray(values, dtype=np.float32).reshape(heads, -1, d), scale,
+        None if center is None else np.ascontiguousarray(center, dtype=np.float32).reshape(heads, d))
+    return merged.reshape(shape)
 
 
 def _addresses(arrays):

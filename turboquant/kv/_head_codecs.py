@@ -14,7 +14,7 @@ import numpy as np
 from .._errors import NonFiniteError
 from .._kernels import _core
 from .._validation import FLOAT32_MAX
-from ..quant._codec import F32, SMALL_CODE_BITS, BlockMSECodec, MSECodec
+from ..quant._codec import F32, BlockMSECodec, MSECodec
 
 U8 = np.dtype(np.uint8)
 
@@ -25,8 +25,8 @@ def addresses(arrays):
 
 
 class HeadCodecs:
-    """The MSE codecs (plain or block-scaled, at most SMALL_CODE_BITS bits) of
-    every head of a layer, with their rotations' kernel operands.
+    """The MSE codecs (plain or block-scaled) of every head of a layer, with
+    their rotations' kernel operands.
 
     Parameters
     ----------
@@ -76,10 +76,10 @@ class HeadCodecs:
     @classmethod
     def of(cls, codecs, prefix):
         """:class:`HeadCodecs` of ``codecs``, or None when a multi-head kernel does
-        not serve them (another kind of codec, more than SMALL_CODE_BITS bits, or
-        a dense rotation too large for the small products)."""
+        not serve them (another kind of codec, or a dense rotation too large for
+        the small products)."""
         first = codecs[0]
-        if not isinstance(first, (MSECodec, BlockMSECodec)) or first.bits > SMALL_CODE_BITS:
+        if not isinstance(first, (MSECodec, BlockMSECodec)):
             return None
         if any(type(codec) is not type(first) or codec.spec.rotation != first.spec.rotation
                or codec.bits != first.bits or codec.dim != first.dim for codec in codecs):

@@ -41,9 +41,6 @@ F64 = np.dtype(np.float64)
 U8 = np.dtype(np.uint8)
 NORM_DTYPES = (F32, F64)
 
-#: Codes of at most this many bits have float32 kernels (include/tq_lut.h), the
-#: fused attention kernels among them.
-SMALL_CODE_BITS = 4
 
 #: Largest vector dimension (a dense rotation of this dim takes 32 GiB).
 MAX_DIM = 1 << 16
@@ -291,6 +288,11 @@ class _RotatedCodec(_ArrayCodec):
         check_block(rows, "rows", width=self.dim)
         return self.rotation.inverse(rows, check_thread_count(n_threads))
 
+    def fused_parts(self, arrays, rows, queries, n_threads):
+        """``[(FusedSide, rotated queries)]``: the codes ``arrays`` (``rows`` of
+        them) as coded key parts of the fused kernels, for (m, dim) float32 ``queries``."""
+        return [(self.fused_side(arrays, rows), self.rotate(queries, n_threads))]
+
     def small_rotation(self, rows, *, inverse=False):
         """The C-contiguous float32 (dim, dim) ``B`` with ``x @ B`` what :meth:`rotate`
         (or :meth:`unrotate` when ``inverse``) computes for ``rows`` float32 rows,
@@ -305,9 +307,11 @@ class _RotatedCodec(_ArrayCodec):
 class FusedSide(typing.NamedTuple):
     """One side (keys or values) of the fused attention kernels, checked.
 
-    ``codes`` (n, row_bytes) uint8, ``bits`` (1..SMALL_CODE_BITS), ``centroids``
+    ``codes`` (n, row_bytes) uint8, ``bits`` (1..8; 1..4 block-scaled), ``centroids``
     float64, ``norms`` (n,) float32; for block-scaled codes ``block_scales``
-    (n, block_bytes) uint8 and the 16 float64 ``factors``, else None.
+    (n, block_bytes) uint8 and the 16 float64 ``factors``, else None. Row ``i``
+    is scaled by ``norms[i] * norms2[i] * factor`` (``norms2`` (n,) float32 or
+    None for 1: the QJL stage of Prod codes).
     """
 
     codes: np.ndarray
@@ -316,6 +320,14 @@ class FusedSide(typing.NamedTuple):
     norms: np.ndarray
     block_scales: object = None
     factors: object = None
+    norms2: object = None
+    factor: float = 1.0
+
+    def key_part(self, queries):
+        """This side as an ``extra_keys`` part of ``_core.small_code_attention``,
+        scored against (m, width) float32 ``queries``."""
+        return (self.codes, self.bits, self.centroids, self.norms, self.norms2, self.factor,
+                self.block_scales, self.factors, queries)
 
 
 class MSECodec(_RotatedCodec):
@@ -435,11 +447,7 @@ class MSECodec(_RotatedCodec):
     def attention_operands(self, indices, norms, rows=None):
         """``(indices, bits, centroids, norms)`` for the fused attention kernels,
         checked: (n, row_bytes) packed ``indices`` and (n,) float32 ``norms``,
-        both C-contiguous, ``n == rows`` when given; codes of at most
-        SMALL_CODE_BITS bits (IncompatibleCodesError otherwise)."""
-        if self.bits > SMALL_CODE_BITS:
-            raise IncompatibleCodesError(
-                f"the fused attention kernels read codes of at most {SMALL_CODE_BITS} bits, not {self.bits}")
+        both C-contiguous, ``n == rows`` when given."""
         check_packed(indices, "indices", self.row_bytes, rows=rows)
         _check_array(norms, "norms", 1, (F32,))
         if norms.shape[0] != indices.shape[0]:
@@ -509,6 +517,18 @@ class ProdCodec(_ArrayCodec):
         rotated = self.mse.rotation.apply(queries, n_threads)
         self.mse.score_rotated(arrays["indices"], arrays["norms"], rotated, out, False, n_threads)
         self.sketch.score(arrays["signs"], self._qjl_weights(arrays), rotated, out, True, n_threads)
+
+    def fused_parts(self, arrays, rows, queries, n_threads):
+        """``[(FusedSide, queries)]`` of the MSE stage (rotated queries) and of the
+        QJL signs (the rotated queries sketched; rows scaled by ``norms *
+        residual_norms * gamma``), for (m, dim) float32 ``queries``."""
+        self.check_arrays(arrays)
+        mse = self.mse.fused_side({"indices": arrays["indices"], "norms": arrays["norms"]}, rows)
+        rotated = self.mse.rotate(queries, n_threads)
+        signs = FusedSide(arrays["signs"], 1, SIGN_CENTROIDS, arrays["norms"], norms2=arrays["residual_norms"],
+                          factor=self.sketch.scale)
+        sketched = self.sketch.transform.apply(rotated, check_thread_count(n_threads))
+        return [(mse, rotated), (signs, check_block(sketched, "sketched queries", dtypes=(F32,)))]
 
 
 class QJLCodec(_ArrayCodec):
