@@ -257,3 +257,50 @@ def test_random_ragged_histories(name, lengths, actions, seed):
             batched.append_row(index, keys, values)
             rows[index].append_all(keys, values)
     assert_rows_equal(batched, rows)
+
+
+@pytest.mark.parametrize("block_scales", [False, True])
+def test_ragged_kernel_matches_the_multi_head_kernel_head_by_head(block_scales):
+    # Heads of 0, 1, 37 and 200 rows: each gets what the multi-head kernel gives it alone.
+    from turboquant.kv._head_codecs import addresses
+    from turboquant.quant._codec import BlockMSECodec, MSECodec
+    d, lengths, m = 32, [0, 1, 37, 200], 3
+    cls = BlockMSECodec if block_scales else MSECodec
+    rng = np.random.default_rng(18)
+    keys = [cls(d, 3, 5 + h, "dense").quantize(rng.standard_normal((n, d)).astype(np.float32), 1)
+            for h, n in enumerate(lengths)]
+    values = [cls(d, 2, 50 + h, "dense").quantize(rng.standard_normal((n, d)).astype(np.float32), 1)
+              for h, n in enumerate(lengths)]
+    key_codec, value_codec = cls(d, 3, 5, "dense"), cls(d, 2, 50, "dense")
+    key_sides = [key_codec.fused_side(arrays, n) for arrays, n in zip(keys, lengths)]
+    value_sides = [value_codec.fused_side(arrays, n) for arrays, n in zip(values, lengths)]
+    queries = rng.standard_normal((len(lengths), m, d)).astype(np.float32)
+
+    def operands(sides, index):
+        chosen = [sides[i] for i in index]
+        blocks = None if chosen[0].block_scales is None else addresses([s.block_scales for s in chosen])
+        return addresses([s.codes for s in chosen]), addresses([s.norms for s in chosen]), blocks
+
+    def run(kernel, count, index, out, lse):
+        kc, kn, kb = operands(key_sides, index)
+        vc, vn, vb = operands(value_sides, index)
+        kernel(kc, kn, key_codec.row_bytes, 3, key_sides[0].centroids, vc, vn, value_codec.row_bytes, 2,
+               value_sides[0].centroids, count, np.ascontiguousarray(queries[index]), None, None, 0.3, out, 2,
+               key_block_scales=kb, key_block_bytes=key_codec.spec.row_layout().get("block_scales", (0, 0))[1],
+               key_factors=key_sides[0].factors, value_block_scales=vb,
+               value_block_bytes=value_codec.spec.row_layout().get("block_scales", (0, 0))[1],
+               value_factors=value_sides[0].factors, lse=lse)
+
+    out = np.empty(queries.shape, dtype=np.float32)
+    lse = np.empty(queries.shape[:2], dtype=np.float32)
+    run(_core.small_code_attention_ragged, np.array(lengths, dtype=np.intp), list(range(len(lengths))), out, lse)
+    for h, n in enumerate(lengths):
+        one, one_lse = np.empty((1, m, d), dtype=np.float32), np.empty((1, m), dtype=np.float32)
+        run(_core.small_code_attention_heads, n, [h], one, one_lse)
+        np.testing.assert_array_equal(out[h], one[0])
+        np.testing.assert_array_equal(lse[h], one_lse[0])
+    assert not out[0].any() and np.isneginf(lse[0]).all()
+    with pytest.raises(ValueError):
+        run(_core.small_code_attention_ragged, np.array([1, -1, 2, 3], dtype=np.intp), [0, 1, 2, 3], out, lse)
+    with pytest.raises(ValueError):
+        run(_core.small_code_attention_ragged, np.array([1, 2], dtype=np.intp), [0, 1, 2, 3], out, lse)
