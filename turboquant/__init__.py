@@ -18,6 +18,7 @@ from ._errors import (
     TurboQuantError,
 )
 from .kv import (
+    BatchedMultiHeadKVCache,
     CacheStats,
     KVCacheConfig,
     MultiHeadCacheStats,
@@ -45,6 +46,7 @@ from ._version import __version__
 
 __all__ = [
     "QJL",
+    "BatchedMultiHeadKVCache",
     "CacheStats",
     "Codebook",
     "CodeSpec",

@@ -3,10 +3,12 @@
 The public names are re-exported by :mod:`turboquant`; import them from there.
 """
 
+from ._batched import BatchedMultiHeadKVCache
 from ._cache import MultiHeadKVCache, QuantizedKVCache
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
 
 __all__ = [
+    "BatchedMultiHeadKVCache",
     "CacheStats",
     "KVCacheConfig",
     "MultiHeadCacheStats",

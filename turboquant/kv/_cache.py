@@ -31,9 +31,11 @@ from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadCo
 from ..quant._codec import F32, BlockMSECodec, MSECodec, ProdCodec, check_block
 from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
+from ._head_codecs import HeadCodecs
 from ._row_buffer import RowBuffer
 from .._threads import resolve_n_threads
-from .._validation import FLOAT32_MAX, as_array, as_rows, check_float_dtype, check_int, check_real_dtype
+from .._validation import (FLOAT32_MAX, FLOAT_DTYPES, as_array, as_rows, check_all_finite, check_float_dtype,
+                           check_int, check_real_dtype)
 
 FULL_PRECISION = np.float32
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -303,6 +305,25 @@ def _softmax(logits):
     return logits
 
 
+def _check_storable_rows(rows, name, residual_dtype):
+    """``rows`` (finite, float32 or float64) when every row can be stored: within
+    float16's range when the residual rows are float16, and of a norm that fits
+    float32 (NonFiniteError otherwise)."""
+    if not rows.size:
+        return rows
+    high = float(np.abs(rows).max())
+    if residual_dtype == np.float16 and high > FLOAT16_MAX:
+        raise NonFiniteError(f"{name} has a value beyond float16's range (65504); "
+                             "residual_dtype='float16' stores sink and recent tokens as float16")
+    # Every token may end up stored as float32 (sink and recent tokens) or
+    # with a float32 norm (quantized tokens): refuse what float32 cannot hold.
+    if high * math.sqrt(rows.shape[-1]) > FLOAT32_MAX:
+        norms = np.linalg.norm(rows.astype(np.float64, copy=False), axis=-1)
+        if not np.all(norms <= FLOAT32_MAX):
+            raise NonFiniteError(f"{name} has a vector whose norm exceeds the float32 range")
+    return rows
+
+
 def _check_scale(scale, dim):
     if scale is None:
         return 1.0 / math.sqrt(dim)
@@ -398,16 +419,7 @@ class QuantizedKVCache:
     # -- writing -------------------------------------------------------------------
     def _rows(self, array, name):
         rows, _ = as_rows(array, self.config.dim, name)
-        if self._residual_dtype == np.float16 and rows.size and float(np.abs(rows).max()) > FLOAT16_MAX:
-            raise NonFiniteError(f"{name} has a value beyond float16's range (65504); "
-                                 "residual_dtype='float16' stores sink and recent tokens as float16")
-        # Every token may end up stored as float32 (sink and recent tokens) or
-        # with a float32 norm (quantized tokens): refuse what float32 cannot hold.
-        if rows.size and float(np.abs(rows).max()) * math.sqrt(self.config.dim) > FLOAT32_MAX:
-            norms = np.linalg.norm(rows.astype(np.float64, copy=False), axis=1)
-            if not np.all(norms <= FLOAT32_MAX):
-                raise NonFiniteError(f"{name} has a vector whose norm exceeds the float32 range")
-        return rows
+        return _check_storable_rows(rows, name, self._residual_dtype)
 
     def _check_block(self, keys, values):
         keys_arr, values_arr = as_array(keys, "keys"), as_array(values, "values")
@@ -807,6 +819,7 @@ class MultiHeadKVCache:
         base = config.head_config
         self._heads = tuple(
             QuantizedKVCache(_replace_seed(base, config.head_seed(h))) for h in range(config.num_heads))
+        self._step_sides = None  # (keys, values) HeadCodecs of the fast decode step, made by the first step
 
     @property
     def num_heads(self):
@@ -881,6 +894,98 @@ class MultiHeadKVCache:
             raise ShapeError(
                 f"keys and values must be ({self.num_heads}, {self.head_dim}); got {keys.shape} and {values.shape}")
         self.append_all(keys[:, None, :], values[:, None, :], n_threads=n_threads)
+
+    def step(self, keys, values, queries, scale=None, *, n_threads=None):
+        """One decode step: append a token to every head, then attend with every query head.
+
+        The same as :meth:`push_token_all` followed by :meth:`attention_output_all`
+        over the whole cache (the new token included), in one call that
+        validates its inputs once. With float32 inputs, MSE keys and values
+        (plain or block-scaled, keys without outlier channels) and once the
+        sink tokens are in, the
+        token is coded for every head with one kernel call over the heads
+        (its own rotation each, the bits the per-head path gives) and every
+        head attends in one call of the multi-head fused kernel; other
+        configurations take the per-head path.
+
+        Parameters
+        ----------
+        keys, values : array_like, shape (num_heads, head_dim)
+            The new token of every KV head: finite real values (float32 stays
+            float32, other real dtypes become float64), of a norm that fits
+            float32, within float16's range when ``residual_dtype`` is float16.
+        queries : array_like, shape (num_query_heads, head_dim) or (num_query_heads, m, head_dim)
+            Finite real queries; query head ``q`` attends over KV head ``q // g``.
+        scale : float or None, default=None
+            Multiplies the scores before the softmax; ``None`` means ``1/sqrt(head_dim)``.
+        n_threads : int or None, default=None
+            See :func:`turboquant.resolve_n_threads`; results do not depend on it.
+
+        Returns
+        -------
+        ndarray, shape (num_query_heads, head_dim) or (num_query_heads, m, head_dim)
+            float32 for float32 queries, else float64; what
+            :meth:`attention_output_all` returns after the push.
+
+        Raises
+        ------
+        ShapeError, LengthMismatchError, DTypeError, NonFiniteError, InvalidParameterError
+            On any invalid input (shapes, dtypes, NaN or infinity, values beyond
+            float16 or float32, a bad ``scale`` or ``n_threads``); every head is
+            then unchanged.
+        """
+        n_threads = resolve_n_threads(n_threads)
+        scale = _check_scale(scale, self.head_dim)
+        keys, values = self._token_rows(keys, "keys"), self._token_rows(values, "values")
+        queries, was_2d = self._step_queries(queries)
+        out = self._fast_step(keys, values, queries, scale, n_threads)
+        if out is None:
+            plans = [head._prepare_append(k[None, :], v[None, :], n_threads)
+                     for head, k, v in zip(self._heads, keys, values)]
+            for head, plan in zip(self._heads, plans):
+                head._commit(plan)
+            out = self.attention_output_all(queries, scale, n_threads=n_threads)
+        return out[:, 0, :] if was_2d else out
+
+    def _token_rows(self, array, name):
+        """One token per KV head, checked: a C-contiguous (num_heads, head_dim) float array."""
+        arr = as_array(array, name)
+        check_real_dtype(arr, name)
+        expected = (self.num_heads, self.head_dim)
+        if arr.ndim != 2 or arr.shape[1] != self.head_dim:
+            raise ShapeError(f"{name} has shape {arr.shape}; expected {expected}")
+        if arr.shape[0] != self.num_heads:
+            raise LengthMismatchError(f"{name} has {arr.shape[0]} heads; expected {self.num_heads}")
+        rows = np.ascontiguousarray(arr, dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
+        check_all_finite(rows, name)
+        return _check_storable_rows(rows, name, self._heads[0]._residual_dtype)
+
+    def _step_queries(self, queries):
+        """Checked C-contiguous (num_query_heads, m, head_dim) float queries and whether they were 2-d."""
+        arr = as_array(queries, "queries")
+        check_real_dtype(arr, "queries")
+        if arr.ndim not in (2, 3) or arr.shape[0] != self.num_query_heads or arr.shape[-1] != self.head_dim:
+            raise ShapeError(
+                f"queries has shape {arr.shape}; expected ({self.num_query_heads}, {self.head_dim}) "
+                f"or ({self.num_query_heads}, m, {self.head_dim})")
+        was_2d = arr.ndim == 2
+        rows = np.ascontiguousarray(arr[:, None, :] if was_2d else arr,
+                                    dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
+        check_all_finite(rows, "queries")
+        return rows, was_2d
+
+    def _sides(self):
+        """(keys, values) :class:`HeadCodecs` of the fast step, either None where it does not apply."""
+        if self._step_sides is None:
+            self._step_sides = _step_sides(self._heads)
+        return self._step_sides
+
+    def _fast_step(self, keys, values, queries, scale, n_threads):
+        """:meth:`step` for float32 inputs over fused-kernel codes with every sink
+        token in and at least one coded token after the push: the (num_query_heads,
+        m, head_dim) float32 outputs, or None (nothing changed) where it does not apply."""
+        out = _fast_steps([self], self._sides(), keys[None], values[None], queries[None], scale, n_threads)
+        return None if out is None else out[0]
 
     def _grouped_queries(self, queries):
         arr = as_array(queries, "queries")
@@ -1027,6 +1132,129 @@ class MultiHeadKVCache:
         c = self.config
         return (f"MultiHeadKVCache(kv_heads={c.num_heads}, query_heads={c.num_query_heads}, "
                 f"head_dim={self.head_dim}, tokens={self.num_tokens}, head={self._heads[0]!r})")
+
+
+def _step_sides(heads):
+    """(keys, values) :class:`HeadCodecs` over ``heads`` (caches of one config), either None
+    where the multi-head kernels do not serve them."""
+    keys = HeadCodecs.of([head._keys.main for head in heads], "main.") if heads[0]._keys._small else None
+    return keys, HeadCodecs.of([head._values.codec for head in heads], VALUE_PREFIX)
+
+
+def _fast_steps(layers, sides, keys, values, queries, scale, n_threads):
+    """A decode step of every layer of ``layers`` (multi-head caches of one config,
+    possibly of different lengths) in one encode and one attention kernel call.
+
+    ``sides`` are the layers' heads' :class:`HeadCodecs` (layer-major); ``keys``
+    and ``values`` checked (layers, heads, d) arrays, ``queries`` checked
+    (layers, query heads, m, d). Returns the (layers, query heads, m, d) float32
+    outputs, or None (nothing changed) unless every input is float32, the codes
+    are the fused kernels', every layer holds its sink tokens and as many recent
+    tokens as the others, and every layer has a coded token after the push.
+    """
+    key_side, value_side = sides
+    if (key_side is None or value_side is None or keys.dtype != F32 or values.dtype != F32
+            or queries.dtype != F32):
+        return None
+    c = layers[0].config.head_config
+    n_recent = len(layers[0]._heads[0]._recent)
+    window = c.residual_tokens
+    overflow = n_recent + 1 > window
+    evictions, lengths = [], []
+    for layer in layers:
+        first = layer._heads[0]
+        n_sinks, n_coded = len(first._sinks), len(first._quantized)
+        if n_sinks != c.sink_tokens or len(first._recent) != n_recent:
+            return None
+        for head in layer._heads:
+            if (len(head._sinks) != n_sinks or len(head._quantized) != n_coded or len(head._recent) != n_recent
+                    or (c.center_keys and head._keys.center is None)):
+                return None
+        # The token joins the recent window, whose oldest row (or, without a
+        # window, the token itself) is coded; the sliding window drops the
+        # oldest coded rows.
+        total = n_sinks + n_coded + n_recent + 1
+        evict = max(0, total - c.max_tokens) if c.max_tokens else 0
+        if evict > n_coded or n_coded - evict + overflow == 0:
+            return None
+        evictions.append(evict)
+        lengths.append(n_coded - evict + overflow)
+    heads = [head for layer in layers for head in layer._heads]
+    d = c.dim
+    grouped = queries.reshape(len(heads), -1, d)
+    if key_side.block == 0 and not (key_side.rotates_in_kernel(grouped.shape[1])
+                                    and value_side.rotates_in_kernel(grouped.shape[1])):
+        return None
+
+    # Everything that can fail, before any head changes.
+    centers = np.stack([head._keys.center for head in heads]) if c.center_keys else None
+    coded = None
+    if overflow:
+        if window:
+            coded_keys = np.stack([head._recent.live("k")[0] for head in heads]).astype(F32)
+            coded_values = np.stack([head._recent.live("v")[0] for head in heads]).astype(F32)
+        else:
+            coded_keys, coded_values = keys.reshape(len(heads), d), values.reshape(len(heads), d)
+        if centers is not None:
+            coded_keys = coded_keys - centers
+        coded = key_side.encode(coded_keys, n_threads, "keys")
+        coded.update(value_side.encode(coded_values, n_threads, "values"))
+    if window:
+        residual = heads[0]._residual_dtype
+        recent = {"k": keys.reshape(len(heads), d).astype(residual, copy=False),
+                  "v": values.reshape(len(heads), d).astype(residual, copy=False)}
+
+    per_layer = layers[0].num_heads
+    for index, head in enumerate(heads):
+        head._quantized.drop_front(evictions[index // per_layer])
+        if coded is not None:
+            head._quantized.append_one(coded, index)
+        if window:
+            head._recent.drop_front(int(overflow))
+            head._recent.append_one(recent, index)
+    lengths = np.repeat(np.array(lengths, dtype=np.intp), per_layer)
+    out = _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_threads, centers)
+    return out.reshape(queries.shape)
+
+
+def _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_threads, centers):
+    """The (heads, rows, d) float32 attention of checked float32 (heads, rows, d)
+    queries ``grouped`` over every token of ``heads``, ``lengths`` (heads,) coded
+    rows each (at least one somewhere), in one fused kernel call; every head holds
+    as many sink and recent tokens as the others."""
+    d = grouped.shape[2]
+    coded = [head._quantized for head in heads]
+    key_codes, key_norms, key_blocks, key_keep = key_side.fused_operands(coded)
+    value_codes, value_norms, value_blocks, value_keep = value_side.fused_operands(coded)
+    if key_side.block == 0:
+        rotated, key_rotations, value_rotations = grouped, key_side.forward, value_side.backward
+    else:
+        rotated, key_rotations, value_rotations = key_side.rotate(grouped, n_threads), None, None
+    n_exact = len(heads[0]._sinks) + len(heads[0]._recent)
+    out = np.empty(grouped.shape, dtype=np.float32)
+    lse = np.empty(grouped.shape[:2], dtype=np.float32) if n_exact else None
+    common = (key_codes, key_norms, key_side.row_bytes, key_side.bits, key_side.centroids,
+              value_codes, value_norms, value_side.row_bytes, value_side.bits, value_side.centroids)
+    options = dict(key_block_scales=key_blocks, key_block_bytes=key_side.block_bytes, key_factors=key_side.factors,
+                   value_block_scales=value_blocks, value_block_bytes=value_side.block_bytes,
+                   value_factors=value_side.factors, lse=lse)
+    if (lengths == lengths[0]).all():
+        _core.small_code_attention_heads(*common, int(lengths[0]), rotated, key_rotations, value_rotations,
+                                         scale, out, n_threads, **options)
+    else:
+        _core.small_code_attention_ragged(*common, lengths, rotated, key_rotations, value_rotations,
+                                          scale, out, n_threads, **options)
+    del key_keep, value_keep  # what the norm addresses pointed into, kept alive until here
+    if value_rotations is None:
+        out = value_side.rotate(out, n_threads, inverse=True)
+    if n_exact:
+        regions = [buffers for buffers in ([head._sinks for head in heads], [head._recent for head in heads])
+                   if len(buffers[0])]
+        exact = [np.concatenate([np.stack([buffer.live(name) for buffer in buffers]) for buffers in regions],
+                                axis=1, dtype=FULL_PRECISION) for name in ("k", "v")]
+        out = _merge_exact_rows(out, lse, grouped, exact[0], exact[1], scale,
+                                None if centers is None else centers[:, None, :])
+    return out
 
 
 def _merge_exact_rows(out, lse, queries, keys, values, scale, center):

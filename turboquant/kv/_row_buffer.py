@@ -31,11 +31,14 @@ class RowBuffer:
 
     def clear(self):
         """Drop every row and release the storage."""
-        self._arrays = self._allocate(0)
-        self._start = 0
-        self._stop = 0
+        self._set_storage(self._allocate(0), 0)
         self._views = None
         self._tail_shown = False
+
+    def _set_storage(self, arrays, live):
+        self._arrays, self._start, self._stop = arrays, 0, live
+        self._capacity = next(iter(arrays.values())).shape[0]
+        self._bases = None
 
     def _allocate(self, capacity):
         return {name: np.empty((capacity,) + shape, dtype=dtype)
@@ -46,24 +49,51 @@ class RowBuffer:
 
     @property
     def capacity(self):
-        return next(iter(self._arrays.values())).shape[0]
+        return self._capacity
+
+    def _make_room(self, count):
+        """Fresh storage for ``count`` more rows when the free capacity cannot take them."""
+        if self._tail_shown or self._stop + count > self._capacity:
+            live = len(self)
+            grown = self._allocate(max(16, 2 * (live + count)))
+            for name, array in self._arrays.items():
+                grown[name][:live] = array[self._start:self._stop]
+            self._set_storage(grown, live)
+            self._tail_shown = False
 
     def append(self, rows):
         """Append the row arrays ``rows`` (a dict with every name of the layout)."""
         count = next(iter(rows.values())).shape[0]
         if count == 0:
             return
-        if self._tail_shown or self._stop + count > self.capacity:
-            live = len(self)
-            grown = self._allocate(max(16, 2 * (live + count)))
-            for name, array in self._arrays.items():
-                grown[name][:live] = array[self._start:self._stop]
-            self._arrays, self._start, self._stop = grown, 0, live
-            self._tail_shown = False
+        self._make_room(count)
         for name, array in self._arrays.items():
             array[self._stop:self._stop + count] = rows[name]
         self._stop += count
         self._views = None
+
+    def append_one(self, rows, index):
+        """Append one row: row ``index`` of every array of ``rows`` (a dict with every
+        name of the layout, each array holding one row per index)."""
+        self._make_room(1)
+        stop = self._stop
+        for name, array in self._arrays.items():
+            array[stop] = rows[name][index]
+        self._stop = stop + 1
+        self._views = None
+
+    def live(self, name):
+        """The live rows of array ``name``: a view into the storage, for readers
+        inside the package that neither write to it nor keep it."""
+        return self._arrays[name][self._start:self._stop]
+
+    def address(self, name):
+        """Address of the first live row of array ``name`` (C-contiguous rows of
+        the layout's shape), valid until the rows change."""
+        if self._bases is None:
+            self._bases = {key: (array.ctypes.data, array.strides[0]) for key, array in self._arrays.items()}
+        base, stride = self._bases[name]
+        return base + self._start * stride
 
     def drop_front(self, count):
         """Forget the ``count`` oldest rows (``0 <= count <= len(self)``)."""
@@ -86,8 +116,8 @@ class RowBuffer:
         """An independent buffer holding copies of the live rows only."""
         copy = RowBuffer.__new__(RowBuffer)
         copy.layout = self.layout
-        copy._arrays = {name: array[self._start:self._stop].copy() for name, array in self._arrays.items()}
-        copy._start, copy._stop = 0, len(self)
+        copy._set_storage({name: array[self._start:self._stop].copy() for name, array in self._arrays.items()},
+                          len(self))
         copy._views = None
         copy._tail_shown = False
         return copy

@@ -1,0 +1,236 @@
+""":class:`BatchedMultiHeadKVCache`: the KV caches of one layer for every row of a batch."""
+
+import copy
+
+import numpy as np
+
+from .._errors import IndexOutOfRangeError, InvalidParameterError, LengthMismatchError, ShapeError
+from .._threads import resolve_n_threads
+from .._validation import FLOAT_DTYPES, as_array, check_all_finite, check_int, check_real_dtype
+from ._cache import MultiHeadKVCache, _check_scale, _check_storable_rows, _fast_steps, _step_sides
+from ._config import MultiHeadConfig
+
+
+class BatchedMultiHeadKVCache:
+    """A layer's KV cache for each of ``batch_size`` independent sequences.
+
+    Row ``b`` is a :class:`MultiHeadKVCache` of its own (same seeds in every
+    row), holding however many tokens its sequence has: rows may differ in
+    length (``lengths``), as after prompts of different lengths.
+
+    Parameters
+    ----------
+    config : MultiHeadConfig
+        Settings of every row.
+    batch_size : int
+        Number of rows, >= 1.
+
+    Notes
+    -----
+    :meth:`step` appends one token to every row and attends with every row's
+    queries in one call, validated once: with float32 inputs and codes the
+    fused kernels read, every head of every row is coded in one kernel call and
+    attends in one fused call (rows of different lengths included), once every
+    row holds its sink tokens and as many recent-window tokens as the others
+    (always so for prompts longer than the window); otherwise row by row. Every
+    method that changes the cache validates all of its input first: on any
+    error no row changes.
+    """
+
+    def __init__(self, config, batch_size):
+        if not isinstance(config, MultiHeadConfig):
+            raise InvalidParameterError(f"config must be a MultiHeadConfig, got {type(config).__name__}")
+        batch_size = check_int(batch_size, "batch_size", low=1)
+        self.config = config
+        self._rows = tuple(MultiHeadKVCache(config) for _ in range(batch_size))
+        self._step_sides = None
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def batch_size(self):
+        """Number of rows."""
+        return len(self._rows)
+
+    def __len__(self):
+        return self.batch_size
+
+    @property
+    def num_heads(self):
+        """KV heads per row."""
+        return self.config.num_heads
+
+    @property
+    def num_query_heads(self):
+        """Query heads per row."""
+        return self.config.num_query_heads
+
+    @property
+    def head_dim(self):
+        """Dimension of every head."""
+        return self.config.head_config.dim
+
+    @property
+    def lengths(self):
+        """Tokens held by every row, a tuple of ``batch_size`` ints."""
+        return tuple(row.num_tokens for row in self._rows)
+
+    @property
+    def rows(self):
+        """Tuple of the per-row :class:`MultiHeadKVCache` objects."""
+        return self._rows
+
+    def row(self, index):
+        """The :class:`MultiHeadKVCache` of row ``index`` (IndexOutOfRangeError when out of range)."""
+        index = check_int(index, "row index")
+        if not 0 <= index < self.batch_size:
+            raise IndexOutOfRangeError(f"row {index} is out of range for a batch of {self.batch_size}")
+        return self._rows[index]
+
+    # -- writing ------------------------------------------------------------------------------
+    def append_row(self, row, keys, values, *, n_threads=None):
+        """Append ``(num_heads, n, head_dim)`` keys and values to row ``row`` only
+        (:meth:`MultiHeadKVCache.append_all`); the other rows are unchanged."""
+        self.row(row).append_all(keys, values, n_threads=n_threads)
+
+    def append_all(self, keys, values, lengths=None, *, n_threads=None):
+        """Append a block of tokens to every row, ``lengths[b]`` of them to row ``b``.
+
+        Parameters
+        ----------
+        keys, values : array_like, shape (batch_size, num_heads, n, head_dim)
+            Finite real values; row ``b`` takes its first ``lengths[b]`` tokens
+            (right padding beyond them is never read, nor checked).
+        lengths : sequence of int or None, default=None
+            ``0 <= lengths[b] <= n``; None means ``n`` for every row.
+        n_threads : int or None, default=None
+
+        Raises
+        ------
+        ShapeError, LengthMismatchError, DTypeError, NonFiniteError, InvalidParameterError
+            On any invalid input; no row changes then.
+        """
+        keys, values = self._batch_blocks(keys, "keys"), self._batch_blocks(values, "values")
+        if keys.shape != values.shape:
+            raise LengthMismatchError(f"keys have shape {keys.shape} but values have {values.shape}")
+        n = keys.shape[2]
+        counts = self._counts(lengths, n)
+        n_threads = resolve_n_threads(n_threads)
+        plans = []
+        for row, k_block, v_block, count in zip(self._rows, keys, values, counts):
+            row_plans = []
+            for head, k, v in zip(row.heads, k_block, v_block):
+                k_rows, v_rows = head._check_block(k[:count], v[:count])
+                row_plans.append(head._prepare_append(k_rows, v_rows, n_threads))
+            plans.append(row_plans)
+        for row, row_plans in zip(self._rows, plans):
+            for head, plan in zip(row.heads, row_plans):
+                head._commit(plan)
+
+    def _batch_blocks(self, array, name):
+        arr = as_array(array, name)
+        check_real_dtype(arr, name)
+        if arr.ndim != 4 or arr.shape[1] != self.num_heads or arr.shape[3] != self.head_dim:
+            raise ShapeError(f"{name} has shape {arr.shape}; expected "
+                             f"({self.batch_size}, {self.num_heads}, n, {self.head_dim})")
+        if arr.shape[0] != self.batch_size:
+            raise LengthMismatchError(f"{name} has {arr.shape[0]} rows; expected {self.batch_size}")
+        return arr
+
+    def _counts(self, lengths, n):
+        if lengths is None:
+            return [n] * self.batch_size
+        arr = as_array(lengths, "lengths")
+        if arr.ndim != 1 or arr.shape[0] != self.batch_size:
+            raise LengthMismatchError(f"lengths has shape {arr.shape}; expected ({self.batch_size},)")
+        return [check_int(count, "lengths entry", low=0, high=n) for count in arr.tolist()]
+
+    def step(self, keys, values, queries, scale=None, *, n_threads=None):
+        """One decode step of every row: append a token to every head of every row,
+        then attend with every row's query heads over that row's tokens.
+
+        Row ``b`` gets what ``rows[b].step(keys[b], values[b], queries[b])``
+        (:meth:`MultiHeadKVCache.step`) gives it.
+
+        Parameters
+        ----------
+        keys, values : array_like, shape (batch_size, num_heads, head_dim)
+        queries : array_like, shape (batch_size, num_query_heads, head_dim) or (batch_size, num_query_heads, m, head_dim)
+        scale : float or None, default=None
+            ``None`` means ``1/sqrt(head_dim)``.
+        n_threads : int or None, default=None
+
+        Returns
+        -------
+        ndarray, shape (batch_size, num_query_heads, head_dim) or (batch_size, num_query_heads, m, head_dim)
+            float32 for float32 queries, else float64.
+
+        Raises
+        ------
+        ShapeError, LengthMismatchError, DTypeError, NonFiniteError, InvalidParameterError
+            On any invalid input; no row changes then.
+        """
+        n_threads = resolve_n_threads(n_threads)
+        scale = _check_scale(scale, self.head_dim)
+        keys, values = self._tokens(keys, "keys"), self._tokens(values, "values")
+        queries, was_3d = self._queries(queries)
+        out = _fast_steps(self._rows, self._sides(), keys, values, queries, scale, n_threads)
+        if out is not None:
+            return out[:, :, 0, :] if was_3d else out
+        plans = [[head._prepare_append(k[None, :], v[None, :], n_threads)
+                  for head, k, v in zip(row.heads, row_keys, row_values)]
+                 for row, row_keys, row_values in zip(self._rows, keys, values)]
+        for row, row_plans in zip(self._rows, plans):
+            for head, plan in zip(row.heads, row_plans):
+                head._commit(plan)
+        out = np.stack([row.attention_output_all(q, scale, n_threads=n_threads)
+                        for row, q in zip(self._rows, queries)])
+        return out[:, :, 0, :] if was_3d else out
+
+    def _sides(self):
+        if self._step_sides is None:
+            self._step_sides = _step_sides([head for row in self._rows for head in row.heads])
+        return self._step_sides
+
+    def _tokens(self, array, name):
+        arr = as_array(array, name)
+        check_real_dtype(arr, name)
+        expected = (self.batch_size, self.num_heads, self.head_dim)
+        if arr.ndim != 3 or arr.shape[1:] != expected[1:]:
+            raise ShapeError(f"{name} has shape {arr.shape}; expected {expected}")
+        if arr.shape[0] != self.batch_size:
+            raise LengthMismatchError(f"{name} has {arr.shape[0]} rows; expected {self.batch_size}")
+        rows = np.ascontiguousarray(arr, dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
+        check_all_finite(rows, name)
+        return _check_storable_rows(rows, name, np.dtype(self.config.head_config.residual_dtype))
+
+    def _queries(self, queries):
+        arr = as_array(queries, "queries")
+        check_real_dtype(arr, "queries")
+        b, q, d = self.batch_size, self.num_query_heads, self.head_dim
+        if arr.ndim not in (3, 4) or arr.shape[1] != q or arr.shape[-1] != d:
+            raise ShapeError(f"queries has shape {arr.shape}; expected ({b}, {q}, {d}) or ({b}, {q}, m, {d})")
+        if arr.shape[0] != b:
+            raise LengthMismatchError(f"queries has {arr.shape[0]} rows; expected {b}")
+        was_3d = arr.ndim == 3
+        rows = np.ascontiguousarray(arr[:, :, None, :] if was_3d else arr,
+                                    dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
+        check_all_finite(rows, "queries")
+        return rows, was_3d
+
+    def clear(self):
+        """Remove every token from every row."""
+        for row in self._rows:
+            row.clear()
+
+    def copy(self):
+        """An independent copy of every row (the immutable quantizers are shared)."""
+        return copy.deepcopy(self)
+
+    def stats(self):
+        """Every row's :class:`MultiHeadCacheStats`, a tuple."""
+        return tuple(row.stats() for row in self._rows)
+
+    def __repr__(self):
+        c = self.config
+        return (f"BatchedMultiHeadKVCache(batch_size={self.batch_size}, kv_heads={c.num_heads}, "
+                f"query_heads={c.num_query_heads}, head_dim={self.head_dim}, lengths={list(self.lengths)})")
