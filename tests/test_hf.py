@@ -115,6 +115,49 @@ def test_fused_logits_equal_dequantized_attention(options, decode_calls):
     assert (exact - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("options", [dict(key_bits=4, value_bits=4), dict(preset="balanced", residual_tokens=4)])
+def test_decode_steps_run_one_batched_step_per_layer(options, monkeypatch):
+    """A decode step's token is held until the attention call, which appends it to
+    every row and attends in one BatchedMultiHeadKVCache.step; the logits are
+    those of appending first and attending row by row."""
+    steps_run = []
+    original = turboquant.BatchedMultiHeadKVCache.step
+
+    def spy(self, keys, values, queries, *args, **kwargs):
+        steps_run.append(self.batch_size)
+        return original(self, keys, values, queries, *args, **kwargs)
+
+    model = tiny_model("llama")
+    ids, steps = prompt(20, batch=2), prompt(6, seed=5)[0]
+    cache = TurboQuantCache(model.config, **options)
+    logits = []
+    model(ids, cache=cache, use_cache=True)
+    monkeypatch.setattr(turboquant.BatchedMultiHeadKVCache, "step", spy)
+    for token in steps:
+        logits.append(model(token.repeat(2, 1), cache=cache, use_cache=True).logits[:, -1])
+        layer = cache.layers[0]
+        assert layer.get_seq_length() == ids.shape[1] + len(logits)
+        assert all(row.num_tokens == layer.get_seq_length() for row in layer.rows)   # nothing left held
+    assert steps_run == [2] * (model.config.num_hidden_layers * len(steps))
+    monkeypatch.setattr(turboquant.BatchedMultiHeadKVCache, "step", original)
+    # Append first, then attend row by row: the same outputs.
+    two_calls = TurboQuantCache(model.config, **options)
+    model(ids, cache=two_calls, use_cache=True)
+    expected = []
+    for token in steps:
+        monkeypatch.setattr(TurboQuantLayer, "decode_attention", _decode_after_flush)
+        expected.append(model(token.repeat(2, 1), cache=two_calls, use_cache=True).logits[:, -1])
+    torch.testing.assert_close(torch.stack(logits), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def _decode_after_flush(layer, query, scaling, starts):
+    """decode_attention as two calls: the held token appended, then every row's attention."""
+    layer._flush()
+    queries = query.detach().to(torch.float32)[:, :, 0, :].numpy()
+    out = np.stack([row.attention_output_all(q, scaling) for row, q in zip(layer.rows, queries)])
+    return torch.from_numpy(out[:, None]).to(query.dtype)
+
+
 def test_left_padded_batch_rows_get_their_own_tokens(decode_calls):
     model = tiny_model("llama")
     long, short = prompt(12, seed=3), prompt(7, seed=4)

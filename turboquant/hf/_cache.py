@@ -9,7 +9,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from .._errors import InvalidParameterError, NonFiniteError, ShapeError
 from .._threads import resolve_n_threads
 from .._validation import check_int
-from ..kv import KVCacheConfig, MultiHeadConfig, MultiHeadKVCache
+from ..kv import BatchedMultiHeadKVCache, KVCacheConfig, MultiHeadConfig, MultiHeadKVCache
+from ..kv._cache import _check_storable_rows
 from ._attention import ATTENTION_NAME, DECODE_LAYER_ATTRIBUTE, register_attention
 
 _SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
@@ -64,7 +65,11 @@ class TurboQuantLayer(CacheLayerMixin):
     :class:`turboquant.MultiHeadKVCache` per batch row.
 
     Created by :class:`TurboQuantCache`; initialised on its first
-    :meth:`update`. Keys and values are quantized as they arrive.
+    :meth:`update`. Keys and values are quantized as they arrive, except a
+    decode step's token when the ``"turboquant"`` attention serves it: that
+    one is held until the attention call, which appends it to every row and
+    attends in one :meth:`turboquant.BatchedMultiHeadKVCache.step` (any other
+    use of the layer appends it first).
 
     Parameters
     ----------
@@ -84,6 +89,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self._prototype = prototype
         self._settings = settings
         self._rows = []
+        self._pending = None     # a decode step's (keys, values), (batch, kv_heads, head_dim) float32
+        self._batch = None       # the BatchedMultiHeadKVCache over _rows, built when first needed
 
     def __repr__(self):
         return f"TurboQuantLayer(batch={len(self._rows)}, tokens={self.get_seq_length()})"
@@ -96,12 +103,25 @@ class TurboQuantLayer(CacheLayerMixin):
     @property
     def rows(self):
         """Tuple of the per-batch-row :class:`turboquant.MultiHeadKVCache` objects."""
+        self._flush()
         return tuple(self._rows)
+
+    def _set_rows(self, rows):
+        self._rows, self._batch = rows, None
+
+    def _flush(self):
+        """Append the held decode token to every row (when there is one)."""
+        if self._pending is not None:
+            keys, values = self._pending
+            n_threads = self._settings.n_threads
+            for row, row_keys, row_values in zip(self._rows, keys, values):
+                row.push_token_all(row_keys, row_values, n_threads=n_threads)
+            self._pending = None
 
     def lazy_initialization(self, key_states, value_states):
         """Start one empty cache per batch row of ``key_states``."""
         self.device, self.dtype = key_states.device, key_states.dtype
-        self._rows = [self._prototype.copy() for _ in range(key_states.shape[0])]
+        self._set_rows([self._prototype.copy() for _ in range(key_states.shape[0])])
         self.is_initialized = True
 
     def _check_states(self, key_states, value_states):
@@ -130,8 +150,10 @@ class TurboQuantLayer(CacheLayerMixin):
             The exact states when the layer was empty; for more than one new
             token, the dequantized history followed by the exact new states;
             for one new token, placeholders for the ``"turboquant"`` attention
-            function when the model uses it, else every token dequantized.
+            function when the model uses it (the token is then appended by that
+            call), else every token dequantized.
         """
+        self._flush()
         self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -140,6 +162,14 @@ class TurboQuantLayer(CacheLayerMixin):
             raise NonFiniteError("key_states or value_states hold NaN or infinity")
         history = self.get_seq_length()
         new = key_states.shape[2]
+        if history and new == 1 and self._settings.serves_decode_attention:
+            # Checked now as an append would be, so that a bad token fails here.
+            residual = np.dtype(self._prototype.config.head_config.residual_dtype)
+            self._pending = tuple(_check_storable_rows(np.array(states[:, :, 0, :]), name, residual)
+                                  for states, name in ((keys, "key_states"), (values, "value_states")))
+            placeholder = torch.full_like(key_states, float("nan"))
+            setattr(placeholder, DECODE_LAYER_ATTRIBUTE, self)
+            return placeholder, torch.full_like(value_states, float("nan"))
         if history and new != 1:
             old_keys, old_values = self.dequantized(key_states.dtype, key_states.device)
         n_threads = self._settings.n_threads
@@ -149,15 +179,12 @@ class TurboQuantLayer(CacheLayerMixin):
             return key_states, value_states
         if new != 1:
             return torch.cat([old_keys, key_states], dim=-2), torch.cat([old_values, value_states], dim=-2)
-        if self._settings.serves_decode_attention:
-            placeholder = torch.full_like(key_states, float("nan"))
-            setattr(placeholder, DECODE_LAYER_ATTRIBUTE, self)
-            return placeholder, torch.full_like(value_states, float("nan"))
         return self.dequantized(key_states.dtype, key_states.device)
 
     def dequantized(self, dtype=None, device=None):
         """Every token's dequantized keys and values, ``(batch, kv_heads, seq, head_dim)``
         tensors (float32 on the CPU by default)."""
+        self._flush()
         n_threads = self._settings.n_threads
         keys = np.stack([row.reconstruct_keys_all(dtype=np.float32, n_threads=n_threads) for row in self._rows])
         values = np.stack([row.reconstruct_values_all(dtype=np.float32, n_threads=n_threads) for row in self._rows])
@@ -182,6 +209,15 @@ class TurboQuantLayer(CacheLayerMixin):
         """
         queries = _as_float32(query)[:, :, 0, :]
         n_threads = self._settings.n_threads
+        if self._pending is not None and not any(starts):
+            # The held token and the attention in one call over every row and head.
+            if self._batch is None:
+                self._batch = BatchedMultiHeadKVCache._of_rows(self._prototype.config, self._rows)
+            keys, values = self._pending
+            out = self._batch.step(keys, values, queries, scaling, n_threads=n_threads)
+            self._pending = None
+            return torch.from_numpy(out[:, None]).to(device=query.device, dtype=query.dtype)
+        self._flush()
         out = np.stack([row.attention_output_all(q, scaling, start=start, n_threads=n_threads)
                         for row, q, start in zip(self._rows, queries, starts)])
         return torch.from_numpy(out[:, None]).to(device=query.device, dtype=query.dtype)
@@ -191,8 +227,10 @@ class TurboQuantLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self):
-        """Tokens held (the same in every row)."""
-        return self._rows[0].num_tokens if self._rows else 0
+        """Tokens held (the same in every row), the held decode token included."""
+        if not self._rows:
+            return 0
+        return self._rows[0].num_tokens + (self._pending is not None)
 
     def get_max_length(self):
         """-1: the layer grows without bound."""
@@ -206,25 +244,29 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def reset(self):
         """Drop every row; the next :meth:`update` starts afresh."""
-        self._rows = []
+        self._set_rows([])
+        self._pending = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx):
         """Rows become ``rows[beam_idx]`` (beam search); a repeated row is copied."""
+        self._flush()
         if self._rows:
-            self._rows = _selected_rows(self._rows, torch.as_tensor(beam_idx).tolist())
+            self._set_rows(_selected_rows(self._rows, torch.as_tensor(beam_idx).tolist()))
 
     def batch_repeat_interleave(self, repeats):
         """Repeat every row ``repeats`` times in place (row order kept)."""
         repeats = check_int(repeats, "repeats", low=1)
-        self._rows = _selected_rows(self._rows, [i for i in range(len(self._rows)) for _ in range(repeats)])
+        self._flush()
+        self._set_rows(_selected_rows(self._rows, [i for i in range(len(self._rows)) for _ in range(repeats)]))
 
     def batch_select_indices(self, indices):
         """Keep only the rows ``indices`` (integer indices or a boolean mask)."""
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:
             indices = torch.nonzero(indices).flatten()
-        self._rows = _selected_rows(self._rows, indices.tolist())
+        self._flush()
+        self._set_rows(_selected_rows(self._rows, indices.tolist()))
 
     def crop(self, tokens_to_remove):
         """Remove the ``-tokens_to_remove`` newest tokens of every row
@@ -239,12 +281,14 @@ class TurboQuantLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise InvalidParameterError(
                 f"crop({tokens_to_remove}): pass a negative count of tokens to remove, as transformers 5 does")
+        self._flush()
         keep = max(0, self.get_seq_length() + tokens_to_remove)
         for row in self._rows:
             row.truncate(keep)
 
     def stats(self):
         """``(bytes held, key and value scalars held)`` over every row."""
+        self._flush()
         total = sum(row.stats().total_bytes for row in self._rows)
         values = sum(2 * row.num_tokens * row.num_heads * row.head_dim for row in self._rows)
         return total, values

@@ -45,6 +45,14 @@ class BatchedMultiHeadKVCache:
         self._rows = tuple(MultiHeadKVCache(config) for _ in range(batch_size))
         self._step_sides = None
 
+    @classmethod
+    def _of_rows(cls, config, rows):
+        """A batch over the existing :class:`MultiHeadKVCache` objects ``rows``
+        (of ``config``, not copied: the batch and its owner share them)."""
+        batch = cls.__new__(cls)
+        batch.config, batch._rows, batch._step_sides = config, tuple(rows), None
+        return batch
+
     # -- properties ---------------------------------------------------------------------------
     @property
     def batch_size(self):
