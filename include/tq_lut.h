@@ -435,12 +435,24 @@ TQ_LUT_AVX512_INLINE tq_lut_decoder16 tq_lut_decoder16_make(const float *centroi
     return dec;
 }
 
-/* Centroids of the 16 wide indices of block h: its 2 * bits bytes, with a
- * masked load (nothing past them is read). */
-TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16_wide(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
-                                             const int bits)
+/* Centroids of the 16 indices packed in the low 2 * bits bytes of `raw` (the
+ * lane order of tq_lut_decode16). */
+TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16_raw(const tq_lut_decoder16 *dec, __m128i raw, const int bits)
 {
-    const __m128i raw = _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1u), row + 2 * h * bits);
+    if (bits <= TQ_LUT_NARROW_BITS) {
+        __m512i words;
+        if (bits == 4)
+            words = _mm512_broadcastq_epi64(raw);
+        else if (bits == 3)
+            words = _mm512_mask_broadcastd_epi32(_mm512_broadcastd_epi32(raw), (__mmask16)0xFF00,
+                                                 _mm_srli_si128(raw, 3));
+        else
+            words = _mm512_broadcastd_epi32(raw);
+        __m512i idx = _mm512_srlv_epi32(words, dec->shift);
+        if (bits < 4)
+            idx = _mm512_and_si512(idx, dec->mask);
+        return _mm512_permutexvar_ps(idx, dec->table);
+    }
     __m512i idx;
     if (bits == 8)
         idx = _mm512_cvtepu8_epi32(raw);
@@ -466,8 +478,9 @@ TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16_wide(const tq_lut_decoder16 *dec, co
 TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
                                         const int bits)
 {
-    if (bits > TQ_LUT_NARROW_BITS)
-        return tq_lut_decode16_wide(dec, row, h, bits);
+    if (bits > TQ_LUT_NARROW_BITS)   /* a block's 2 * bits bytes, with a masked load */
+        return tq_lut_decode16_raw(dec, _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * bits)) - 1u),
+                                                             row + 2 * h * bits), bits);
     const uint8_t *p = row + 2 * h * bits;
     const int fast = h < dec->fast_blocks;
     __m512i words;
@@ -488,6 +501,17 @@ TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16(const tq_lut_decoder16 *dec, const u
     if (bits < 4)
         idx = _mm512_and_si512(idx, dec->mask);
     return _mm512_permutexvar_ps(idx, dec->table);
+}
+
+/* tq_lut_decode16 of the last, partial block h of a row of row_bytes bytes,
+ * read with a masked load of the bytes left in the row (nothing past the row
+ * is read); the lanes past the row's last coordinate hold centroid 0. */
+TQ_LUT_AVX512_INLINE __m512 tq_lut_decode16_tail(const tq_lut_decoder16 *dec, const uint8_t *row, ptrdiff_t h,
+                                             const int bits, ptrdiff_t row_bytes)
+{
+    const ptrdiff_t start = 2 * h * bits, left = row_bytes - start;
+    const unsigned count = (unsigned)(left < 2 * bits ? left : 2 * bits);
+    return tq_lut_decode16_raw(dec, _mm_maskz_loadu_epi8((__mmask16)((1u << count) - 1u), row + start), bits);
 }
 
 /* Natural coordinate order to interleaved lane order, and back. */
@@ -588,10 +612,10 @@ TQ_LUT_AVX512_INLINE __m512 tq_lut_sum16(const __m512 *v)
 TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const uint8_t *row,
                                           ptrdiff_t row_bytes, const int R, const int bits,
                                           const float *lane_queries, const int m, ptrdiff_t width,
-                                          const uint8_t *scale_row, ptrdiff_t scale_bytes,
-                                          const float *factors, __m512 *sum)
+                                          ptrdiff_t blocks, const uint8_t *scale_row,
+                                          ptrdiff_t scale_bytes, const float *factors, __m512 *sum)
 {
-    const ptrdiff_t blocks = width / 16, pairs = blocks / 2;
+    const ptrdiff_t pairs = blocks / 2;
     __m512 even[2 * TQ_LUT_MAX_QUERIES], odd[2 * TQ_LUT_MAX_QUERIES];
     for (int k = 0; k < R * m; k++)
         even[k] = odd[k] = _mm512_setzero_ps();
@@ -617,8 +641,18 @@ TQ_LUT_AVX512_INLINE void tq_lut_row_products(const tq_lut_decoder16 *dec, const
             if (scale_row != NULL)
                 a = _mm512_mul_ps(a, _mm512_set1_ps(tq_block_factor(scale_row + r * scale_bytes, blocks - 1, factors)));
             for (int q = 0; q < m; q++)
-                even[r * m + q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + width - 16),
+                even[r * m + q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + 16 * (blocks - 1)),
                                                   even[r * m + q]);
+        }
+    }
+    if (16 * blocks < width) {   /* the partial block; its query lanes past d are 0 */
+        for (int r = 0; r < R; r++) {
+            __m512 a = tq_lut_decode16_tail(dec, row + r * row_bytes, blocks, bits, row_bytes);
+            if (scale_row != NULL)
+                a = _mm512_mul_ps(a, _mm512_set1_ps(tq_block_factor(scale_row + r * scale_bytes, blocks, factors)));
+            for (int q = 0; q < m; q++)
+                odd[r * m + q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(lane_queries + q * width + 16 * blocks),
+                                                 odd[r * m + q]);
         }
     }
     for (int k = 0; k < R * m; k++)
@@ -639,11 +673,12 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
                                                 ptrdiff_t scale_bytes, const float *factors)
 {
     const tq_lut_decoder16 dec = tq_lut_decoder16_make(centroids, bits, row_bytes);
-    const ptrdiff_t blocks = d / 16, pairs = blocks / 2, width = 16 * blocks;
+    const ptrdiff_t blocks = d / 16, pairs = blocks / 2, width = 16 * ((d + 15) / 16);
     __m512 partial[TQ_LUT_MAX_QUERIES][16];
     float sums[16];
-    /* The queries' whole blocks in the decoder's lane order (m rows of `width`
-     * floats): pairs in pair order, a last odd block as tq_lut_decode16 has it. */
+    /* The queries in the decoder's lane order (m rows of `width` floats): whole
+     * pairs in pair order, a last odd whole block and the partial block (zeros
+     * past d) as tq_lut_decode16 has them. */
     for (int q = 0; q < m; q++) {
         const float *query = queries + q * d;
         float *lanes = lane_queries + q * width;
@@ -654,8 +689,12 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
             _mm512_storeu_ps(lanes + 32 * p + 16, hi);
         }
         if (blocks & 1) {
-            __m512 v = _mm512_loadu_ps(query + width - 16);
-            _mm512_storeu_ps(lanes + width - 16, TQ_LUT_INTERLEAVED(bits) ? tq_lut_interleave(v) : v);
+            __m512 v = _mm512_loadu_ps(query + 16 * (blocks - 1));
+            _mm512_storeu_ps(lanes + 16 * (blocks - 1), TQ_LUT_INTERLEAVED(bits) ? tq_lut_interleave(v) : v);
+        }
+        if (16 * blocks < d) {
+            __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (d - 16 * blocks)) - 1u), query + 16 * blocks);
+            _mm512_storeu_ps(lanes + 16 * blocks, TQ_LUT_INTERLEAVED(bits) ? tq_lut_interleave(v) : v);
         }
     }
     for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {
@@ -670,7 +709,7 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
             for (int t = 0; t < 16; t += R) {
                 __m512 sum[2 * TQ_LUT_MAX_QUERIES];
                 tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, R, bits, lane_queries, m, width,
-                                    TQ_SCALE_ROW(t), scale_bytes, factors, sum);
+                                    blocks, TQ_SCALE_ROW(t), scale_bytes, factors, sum);
                 for (int r = 0; r < R; r++)
                     for (int q = 0; q < m; q++)
                         partial[q][t + r] = sum[r * m + q];
@@ -680,7 +719,7 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
                 __m512 sum[TQ_LUT_MAX_QUERIES];
                 if (t < rows)
                     tq_lut_row_products(&dec, block + t * row_bytes, row_bytes, 1, bits, lane_queries, m, width,
-                                        TQ_SCALE_ROW(t), scale_bytes, factors, sum);
+                                        blocks, TQ_SCALE_ROW(t), scale_bytes, factors, sum);
                 for (int q = 0; q < m; q++)
                     partial[q][t] = t < rows ? sum[q] : _mm512_setzero_ps();
             }
@@ -688,7 +727,7 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
         for (int q = 0; q < m; q++) {
             const __m512 total = tq_lut_sum16(partial[q]);
             float *dst = out + q * out_stride + i0;
-            if (rows == 16 && width == d) {
+            if (rows == 16) {
                 const __m512d lo = _mm512_mul_pd(_mm512_loadu_pd(scales + i0),
                                                  _mm512_cvtps_pd(_mm512_castps512_ps256(total)));
                 const __m512d hi = _mm512_mul_pd(_mm512_loadu_pd(scales + i0 + 8),
@@ -708,12 +747,7 @@ TQ_LUT_AVX512_INLINE void tq_lut_scores_avx512_impl(const uint8_t *codes, ptrdif
             }
             _mm512_storeu_ps(sums, total);
             for (int t = 0; t < rows; t++) {
-                const uint8_t *row = block + t * row_bytes;
-                float acc = sums[t], part = 0.0f;
-                for (ptrdiff_t j = width; j < d; j++)
-                    part += queries[q * d + j] * centroids[tq_lut_index(row, j, bits, row_bytes)];
-                acc += scale_block != NULL ? tq_block_factor(TQ_SCALE_ROW(t), width / 16, factors) * part : part;
-                float value = (float)(scales[i0 + t] * (double)acc);
+                float value = (float)(scales[i0 + t] * (double)sums[t]);
                 dst[t] = accumulate ? dst[t] + value : value;
                 if (high != NULL && dst[t] > high[q])
                     high[q] = dst[t];
@@ -732,7 +766,7 @@ TQ_LUT_AVX512_INLINE int tq_lut_scores_avx512_bits(const uint8_t *codes, ptrdiff
                                                const uint8_t *scale_codes, ptrdiff_t scale_bytes,
                                                const float *factors)
 {
-    float *lane_queries = (float *)malloc(sizeof(float) * (size_t)(m * d + 1));
+    float *lane_queries = (float *)malloc(sizeof(float) * (size_t)(m * 16 * ((d + 15) / 16) + 1));
     if (lane_queries == NULL)
         return -1;
 #define TQ_AVX512_SCORES_FOR(K) tq_lut_scores_avx512_impl(codes, n, row_bytes, bits, centroids, queries, K, d, scales, out, out_stride, accumulate, high, lane_queries, scale_codes, scale_bytes, factors)
@@ -833,12 +867,18 @@ TQ_LUT_AVX512_INLINE void tq_lut_weighted_sum_avx512_impl(const uint8_t *codes, 
             }
             _mm512_storeu_ps(sums + 16 * h, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
         }
-        for (ptrdiff_t i = 0; i < n && 16 * blocks < d; i++) {
-            const uint8_t *row = codes + i * row_bytes;
-            const float wi = scale_codes != NULL ? w[i] * tq_block_factor(scale_codes + i * scale_bytes, blocks, factors)
-                                                 : w[i];
-            for (ptrdiff_t j = 16 * blocks; j < d; j++)
-                sums[j] += wi * centroids[tq_lut_index(row, j, bits, row_bytes)];
+        if (16 * blocks < d) {   /* the partial block, its lanes past d never stored */
+            const __mmask16 keep = (__mmask16)((1u << (d - 16 * blocks)) - 1u);
+            __m512 a = _mm512_maskz_loadu_ps(keep, sums + 16 * blocks);
+            if (TQ_LUT_INTERLEAVED(bits))
+                a = tq_lut_interleave(a);
+            for (ptrdiff_t i = 0; i < n; i++) {
+                __m512 v = tq_lut_decode16_tail(&dec, codes + i * row_bytes, blocks, bits, row_bytes);
+                if (scale_codes != NULL)
+                    v = _mm512_mul_ps(v, _mm512_set1_ps(tq_block_factor(scale_codes + i * scale_bytes, blocks, factors)));
+                a = _mm512_fmadd_ps(v, _mm512_set1_ps(w[i]), a);
+            }
+            _mm512_mask_storeu_ps(sums + 16 * blocks, keep, TQ_LUT_INTERLEAVED(bits) ? tq_lut_deinterleave(a) : a);
         }
     }
 }
