@@ -17,6 +17,7 @@ from ._errors import (
     ShapeError,
     TurboQuantError,
 )
+from .index import TurboQuantIndex
 from .kv import (
     BatchedMultiHeadKVCache,
     CacheStats,
@@ -69,6 +70,7 @@ __all__ = [
     "QuantizedKVCache",
     "ShapeError",
     "TurboQuantError",
+    "TurboQuantIndex",
     "TurboQuantMSE",
     "TurboQuantProd",
     "__version__",

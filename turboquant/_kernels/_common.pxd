@@ -4,7 +4,7 @@
 # prange and parallel, which each .pyx cimports itself). It has no module of its own.
 from cython cimport floating
 from libc.math cimport INFINITY, exp, log
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -131,3 +131,31 @@ cdef inline double row_norm(const floating* row, Py_ssize_t d) noexcept nogil:
         return tq_row_norm_f(row, d)
     else:
         return tq_row_norm_d(row, d)
+
+cdef extern from "tq_scan.h" nogil:
+    enum:
+        TQ_SCAN_BLOCK
+    ctypedef struct tq_candidate:
+        double key
+        int64_t id
+        int64_t position
+    ctypedef struct tq_heap:
+        tq_candidate* items
+        Py_ssize_t size
+        Py_ssize_t capacity
+    Py_ssize_t tq_scan_nibbles(Py_ssize_t d, int bits)
+    void tq_scan_pack(const uint8_t* rows, Py_ssize_t count, Py_ssize_t row_bytes, Py_ssize_t nibbles,
+                      uint8_t* blocks, Py_ssize_t first)
+    void tq_scan_unpack(const uint8_t* blocks, Py_ssize_t nibbles, const int64_t* positions,
+                        Py_ssize_t count, Py_ssize_t row_bytes, uint8_t* rows)
+    void tq_scan_tables(const float* query, Py_ssize_t d, int bits, const double* centroids,
+                        Py_ssize_t nibbles, double* exact, uint8_t* table, double* delta, double* bias)
+    double tq_scan_exact(const uint8_t* blocks, Py_ssize_t nibbles, Py_ssize_t position, const double* exact)
+    void tq_heap_offer(tq_heap* heap, tq_candidate c)
+    void tq_heap_offer_row(tq_heap* heap, double key, int64_t id, int64_t position)
+    double tq_heap_threshold(const tq_heap* heap)
+    void tq_heap_sort(tq_heap* heap)
+    void tq_scan_blocks(int variant, const uint8_t* blocks, Py_ssize_t nibbles, Py_ssize_t n,
+                        Py_ssize_t b0, Py_ssize_t b1, const uint8_t* tables, const double* delta,
+                        const double* bias, Py_ssize_t m, const float* scale, const float* offset,
+                        const float* block_terms, const int64_t* ids, tq_heap* heaps)

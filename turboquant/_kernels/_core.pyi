@@ -226,3 +226,36 @@ def small_code_attention_ragged(
     value_factors: _F64 | None = None,
     lse: npt.NDArray[np.float32] | None = None,
 ) -> None: ...
+def scan_nibbles(d: int, bits: int) -> int: ...
+def scan_pack(rows: _U8, blocks: _U8, first: int) -> None: ...
+def scan_unpack(blocks: _U8, positions: npt.NDArray[np.int64], rows: _U8) -> None: ...
+def fast_scan_search(
+    blocks: _U8,
+    n: int,
+    bits: int,
+    centroids: _F64,
+    queries: npt.NDArray[np.float32],
+    scale: npt.NDArray[np.float32],
+    offset: npt.NDArray[np.float32],
+    block_terms: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int64],
+    candidates: int,
+    out_keys: _F64,
+    out_positions: npt.NDArray[np.int64],
+    n_threads: int,
+    variant: str | None = None,
+) -> None: ...
+def row_scan_search(
+    codes: _U8,
+    n: int,
+    bits: int,
+    centroids: _F64,
+    queries: npt.NDArray[np.float32],
+    scale: npt.NDArray[np.float32],
+    offset: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int64],
+    out_keys: _F64,
+    out_positions: npt.NDArray[np.int64],
+    n_threads: int,
+    variant: str | None = None,
+) -> None: ...
