@@ -17,7 +17,9 @@ from ._errors import (
     ShapeError,
     TurboQuantError,
 )
+from . import io
 from .index import TurboQuantIndex
+from .io import load
 from .kv import (
     BatchedMultiHeadKVCache,
     CacheStats,
@@ -76,6 +78,8 @@ __all__ = [
     "__version__",
     "coordinate_density",
     "distortion_lower_bound",
+    "io",
+    "load",
     "lloyd_max_codebook",
     "resolve_n_threads",
     "show_config",

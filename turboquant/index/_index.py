@@ -6,9 +6,17 @@ in the block layout of ``include/tq_scan.h``, ``row_scan_search`` for the
 other widths), reached through the checked :class:`~turboquant.quant._codec.MSECodec`.
 """
 
+import functools
+import threading
+
 import numpy as np
 
-from .._errors import InvalidParameterError, LengthMismatchError, ShapeError
+from .._errors import (
+    CorruptPayloadError,
+    InvalidParameterError,
+    LengthMismatchError,
+    ShapeError,
+)
 from .._kernels import _core
 from .._threads import resolve_n_threads
 from .._validation import (
@@ -19,6 +27,7 @@ from .._validation import (
     check_int,
     readonly,
 )
+from ..io._persist import Persistent, config_field, expect, expect_finite
 from ..quant._codec import ROTATIONS, MSECodec
 
 METRICS = ("ip", "cosine", "l2")
@@ -33,6 +42,58 @@ NORM_BLOCK = 1 << 14
 # dim x dim matrix kept by the index), which is faster than the transform for
 # the few rows of a search.
 QUERY_MATRIX_MAX_DIM = 512
+
+
+class _ReadWriteLock:
+    """Many readers or one writer; a waiting writer is not starved by new readers."""
+
+    def __init__(self):
+        self._condition = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    def __enter__(self):   # as a reader
+        with self._condition:
+            while self._writing or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+
+    def __exit__(self, *exc_info):
+        with self._condition:
+            self._readers -= 1
+            if not self._readers:
+                self._condition.notify_all()
+
+    def write(self, method):
+        """Decorator body: run ``method`` holding the lock alone."""
+        with self._condition:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._condition.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            return method()
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
+def _writer(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        return self._lock.write(lambda: method(self, *args, **kwargs))
+    return locked
+
+
+def _reader(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 def _check_ids(ids, count):
@@ -52,7 +113,7 @@ def _check_ids(ids, count):
     return array
 
 
-class TurboQuantIndex:
+class TurboQuantIndex(Persistent):
     """A nearest-neighbour index over TurboQuant MSE codes; needs no training.
 
     Vectors are rotated (seeded Hadamard or dense), stored as ``bits``-bit
@@ -88,6 +149,20 @@ class TurboQuantIndex:
     dim, bits, metric, seed, rotation : as given
     keep_originals : bool
 
+    Notes
+    -----
+    ``save``/``load``, ``to_bytes``/``from_bytes`` and pickling go through the
+    checked format of :mod:`turboquant.io`. ``load(path, mmap=True)`` maps the
+    codes, norms, ids and originals read-only from the file, so a large index
+    opens at once and processes share its pages; the first ``add`` or
+    ``remove`` copies them into memory (copy-on-write), and the file is never
+    written.
+
+    Searches only read the index, and the scans release the GIL: several
+    Python threads may search one index at the same time. ``add``, ``remove``
+    and ``reset`` change it; they take a lock that searches share, so a writer
+    waits for running searches and searches wait for a writer.
+
     Examples
     --------
     >>> import numpy as np
@@ -101,7 +176,10 @@ class TurboQuantIndex:
     [0, 1, 2]
     """
 
+    _kind = "TurboQuantIndex"
+
     def __init__(self, dim, bits=4, *, metric="ip", seed=0, rotation="hadamard", keep_originals=False):
+        self._lock = _ReadWriteLock()
         self.metric = check_choice(metric, "metric", METRICS)
         self.keep_originals = check_bool(keep_originals, "keep_originals")
         self._codec = MSECodec(dim, bits, seed, check_choice(rotation, "rotation", ROTATIONS))
@@ -115,6 +193,7 @@ class TurboQuantIndex:
         self.reset()
 
     # -- state --------------------------------------------------------------------------------------
+    @_writer
     def reset(self):
         """Remove every vector (ids start again at 0)."""
         self._n = 0
@@ -126,6 +205,7 @@ class TurboQuantIndex:
         self._originals = np.empty((0, self.dim), dtype=np.float32)
         self._sorted_ids = np.empty(0, dtype=np.int64)
         self._block_terms = np.empty((0, 3), dtype=np.float32)
+        self._mapped = False
 
     def _refresh_block_terms(self, first_row):
         """Recompute the fast scan's per-block key bounds from the block holding
@@ -151,6 +231,20 @@ class TurboQuantIndex:
         if self.metric == "l2":
             terms[:, 2] = np.pad(self._offset[rows], padding, mode="edge").reshape(-1, 32).max(axis=1)
 
+    def _own(self):
+        """Copy memory-mapped arrays into memory before the first change, and build
+        the sorted ids a mapped load leaves for later (checking they are distinct)."""
+        if self._mapped:
+            self._codes, self._scale, self._offset = self._codes.copy(), self._scale.copy(), self._offset.copy()
+            self._ids, self._originals = self._ids.copy(), self._originals.copy()
+            self._block_terms = self._block_terms.copy()
+            self._mapped = False
+        if self._sorted_ids is None:
+            sorted_ids = np.sort(self._ids[:self._n])
+            if sorted_ids.size > 1 and not (np.diff(sorted_ids) > 0).all():
+                raise CorruptPayloadError("arrays['ids']: the loaded index holds duplicate ids")
+            self._sorted_ids = sorted_ids
+
     def _empty_codes(self, capacity):
         if self._fast:
             blocks = (capacity + 31) // 32
@@ -158,7 +252,8 @@ class TurboQuantIndex:
         return np.zeros((capacity, self._codec.row_bytes), dtype=np.uint8)
 
     def _capacity(self):
-        return self._codes.shape[0] * (32 if self._fast else 1)
+        """Rows every per-row array has room for (the code blocks may hold more)."""
+        return len(self._scale)
 
     def __len__(self):
         return self._n
@@ -201,6 +296,7 @@ class TurboQuantIndex:
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
         return rows, np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
 
+    @_writer
     def add(self, vectors, ids=None, *, n_threads=None):
         """Add vectors, coded as they arrive (no training).
 
@@ -222,6 +318,7 @@ class TurboQuantIndex:
         """
         raw, rows = self._rows(vectors, "vectors")
         count = rows.shape[0]
+        self._own()
         if ids is None:
             new_ids = np.arange(self._next_id, self._next_id + count, dtype=np.int64)
         else:
@@ -251,7 +348,8 @@ class TurboQuantIndex:
         self._n = stop
         self._refresh_block_terms(start)
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-        self._sorted_ids = np.sort(self._ids[:stop])
+        # Two sorted runs: timsort merges them in linear time.
+        self._sorted_ids = np.sort(np.concatenate([self._sorted_ids, np.sort(new_ids)]), kind="stable")
 
     def _keys(self, indices, norms, n_threads):
         """Per-row key terms: ``scale`` (n,) float32 and, for ``"l2"``, ``offset``
@@ -274,7 +372,8 @@ class TurboQuantIndex:
             return
         capacity = max(size, 2 * capacity, 1024)
         codes = self._empty_codes(capacity)
-        codes[:self._codes.shape[0]] = self._codes
+        held = min(self._codes.shape[0], codes.shape[0])
+        codes[:held] = self._codes[:held]
         self._codes = codes
         self._scale = np.resize(self._scale, capacity)
         self._offset = np.resize(self._offset, capacity if self.metric == "l2" else 0)
@@ -284,6 +383,7 @@ class TurboQuantIndex:
             originals[:self._n] = self._originals[:self._n]
             self._originals = originals
 
+    @_writer
     def remove(self, ids):
         """Remove the vectors with these ids; ids not in the index are ignored.
 
@@ -300,6 +400,7 @@ class TurboQuantIndex:
         if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
             raise InvalidParameterError(f"ids must be a 1-d array of integers, got shape {array.shape}, "
                                         f"dtype {array.dtype}")
+        self._own()
         n = self._n
         drop = np.isin(self._ids[:n], array.astype(np.int64, copy=False))
         removed = int(drop.sum())
@@ -325,6 +426,7 @@ class TurboQuantIndex:
         return removed
 
     # -- search -------------------------------------------------------------------------------------
+    @_reader
     def search(self, queries, k, *, rerank=0, originals=None, n_threads=None):
         """The ``k`` nearest vectors of each query, best first.
 
@@ -386,9 +488,9 @@ class TurboQuantIndex:
                 raise InvalidParameterError("rerank needs keep_originals=True or an originals array")
             return None if self._n == 0 else self._originals
         table, _ = as_rows(originals, self.dim, "originals")
-        if self._n and self._sorted_ids[-1] >= table.shape[0]:
+        if self._n and int(self._ids[:self._n].max()) >= table.shape[0]:
             raise InvalidParameterError(
-                f"originals has {table.shape[0]} rows; the index holds id {self._sorted_ids[-1]}")
+                f"originals has {table.shape[0]} rows; the index holds id {int(self._ids[:self._n].max())}")
         return table
 
     def _scan(self, rows, count, n_threads):
@@ -444,3 +546,62 @@ class TurboQuantIndex:
         sign = 1.0 if self.metric == "l2" else -1.0
         order = np.lexsort((ids, sign * exact), axis=-1)[:, :k]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(positions, order, 1)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def _rebuilt(self):
+        return {"codec": self._codec}
+
+    def _payload(self):
+        n = self._n
+        blocks = -(-n // 32) if self._fast else 0
+        config = {"dim": self.dim, "bits": self.bits, "metric": self.metric, "seed": self.seed,
+                  "rotation": self.rotation, "keep_originals": self.keep_originals, "ntotal": n,
+                  "next_id": self._next_id}
+        arrays = {"codes": self._codes[:blocks] if self._fast else self._codes[:n],
+                  "scale": self._scale[:n], "offset": self._offset[:n if self.metric == "l2" else 0],
+                  "ids": self._ids[:n], "originals": self._originals[:n if self.keep_originals else 0],
+                  "block_terms": self._block_terms[:blocks]}
+        return config, arrays
+
+    @classmethod
+    def _from_payload(cls, config, arrays, mapped):
+        names = {"dim", "bits", "metric", "seed", "rotation", "keep_originals", "ntotal", "next_id"}
+        if set(config) != names:
+            raise CorruptPayloadError(f"config: expected the keys {sorted(names)}")
+        if set(arrays) != {"codes", "scale", "offset", "ids", "originals", "block_terms"}:
+            raise CorruptPayloadError("arrays: expected codes, scale, offset, ids, originals and block_terms")
+        index = cls(config["dim"], config["bits"], metric=config["metric"], seed=config["seed"],
+                    rotation=config["rotation"], keep_originals=config["keep_originals"])
+        n = config_field(config, "ntotal", int)
+        next_id = config_field(config, "next_id", int)
+        if n < 0 or next_id < 0:
+            raise CorruptPayloadError("config.ntotal, config.next_id: must be >= 0")
+        blocks = -(-n // 32) if index._fast else 0
+        width = 16 * index._nibbles if index._fast else index._codec.row_bytes
+        codes = expect(arrays, "codes", np.uint8, (blocks if index._fast else n, width))
+        scale = expect(arrays, "scale", np.float32, (n,))
+        offset = expect(arrays, "offset", np.float32, (n if index.metric == "l2" else 0,))
+        ids = expect(arrays, "ids", np.int64, (n,))
+        originals = expect(arrays, "originals", np.float32, (n if index.keep_originals else 0, index.dim))
+        block_terms = expect(arrays, "block_terms", np.float32, (blocks, 3))
+        expect_finite(scale, "scale")
+        expect_finite(offset, "offset")
+        expect_finite(block_terms, "block_terms")
+        if n and ((scale < 0).any() or (ids < 0).any() or int(ids.max()) >= next_id):
+            raise CorruptPayloadError("arrays['scale'], arrays['ids']: scales and ids must be >= 0, "
+                                      "ids below config.next_id")
+        index._n, index._next_id = n, next_id
+        if mapped:
+            # Read-only views of the map; _own() copies them before a change and
+            # builds (and checks) the sorted ids then.
+            index._codes, index._scale, index._offset, index._ids = codes, scale, offset, ids
+            index._originals, index._block_terms = originals, block_terms
+            index._sorted_ids, index._mapped = None, True
+            return index
+        expect_finite(originals, "originals")
+        index._codes, index._scale, index._offset = codes.copy(), scale.copy(), offset.copy()
+        index._ids, index._originals = ids.copy(), originals.copy()
+        index._sorted_ids = None
+        index._own()
+        index._refresh_block_terms(0)
+        return index

@@ -4,15 +4,18 @@ import copy
 
 import numpy as np
 
-from .._errors import IndexOutOfRangeError, InvalidParameterError, LengthMismatchError, ShapeError
+from .._errors import (CorruptPayloadError, IndexOutOfRangeError, InvalidParameterError, LengthMismatchError,
+                       ShapeError)
+from ..io._persist import Persistent, attribute_copy, config_field
 from .._threads import resolve_n_threads
 from .._validation import as_array, check_int, check_real_dtype
 from ._cache import (MultiHeadKVCache, _check_scale, _check_storable_rows, _fast_steps, _LayerDims,
-                     _push_then_attend, _step_block, _step_query_block, _step_sides)
+                     _layer_payload, _push_then_attend, _restore_layer, _step_block, _step_query_block,
+                     _step_sides)
 from ._config import MultiHeadConfig
 
 
-class BatchedMultiHeadKVCache(_LayerDims):
+class BatchedMultiHeadKVCache(_LayerDims, Persistent):
     """A layer's KV cache for each of ``batch_size`` independent sequences.
 
     Row ``b`` is a :class:`MultiHeadKVCache` of its own (same seeds in every
@@ -37,6 +40,8 @@ class BatchedMultiHeadKVCache(_LayerDims):
     method that changes the cache validates all of its input first: on any
     error no row changes.
     """
+
+    _kind = "BatchedMultiHeadKVCache"
 
     def __init__(self, config, batch_size):
         if not isinstance(config, MultiHeadConfig):
@@ -198,7 +203,7 @@ class BatchedMultiHeadKVCache(_LayerDims):
 
     def copy(self):
         """An independent copy of every row (the immutable quantizers are shared)."""
-        return copy.deepcopy(self)
+        return attribute_copy(self)
 
     def stats(self):
         """Every row's :class:`MultiHeadCacheStats`, a tuple."""
@@ -208,3 +213,32 @@ class BatchedMultiHeadKVCache(_LayerDims):
         c = self.config
         return (f"BatchedMultiHeadKVCache(batch_size={self.batch_size}, kv_heads={c.num_heads}, "
                 f"query_heads={c.num_query_heads}, head_dim={self.head_dim}, lengths={list(self.lengths)})")
+
+
+# -- persistence ------------------------------------------------------------------------------------
+
+def _batched_payload(self):
+    rows, arrays = [], {}
+    for r, row in enumerate(self._rows):
+        states, row_arrays = _layer_payload(row, f"row{r}.")
+        rows.append(states)
+        arrays.update(row_arrays)
+    return {"config": self.config.to_dict(), "rows": rows}, arrays
+
+
+def _batched_from_payload(cls, config, arrays, mapped):
+    if set(config) != {"config", "rows"} or not isinstance(config["rows"], list) or not config["rows"]:
+        raise CorruptPayloadError("config: expected the keys config and rows (a non-empty list)")
+    batch = cls(MultiHeadConfig.from_dict(config_field(config, "config", dict)), len(config["rows"]))
+    for r, (row, states) in enumerate(zip(batch._rows, config["rows"])):
+        _restore_layer(row, states, arrays, f"row{r}.", mapped)
+    return batch
+
+
+def _batched_rebuilt(self):
+    return {f"row{r}.{name}": codec for r, row in enumerate(self._rows) for name, codec in row._rebuilt().items()}
+
+
+BatchedMultiHeadKVCache._payload = _batched_payload
+BatchedMultiHeadKVCache._from_payload = classmethod(_batched_from_payload)
+BatchedMultiHeadKVCache._rebuilt = _batched_rebuilt

@@ -25,10 +25,11 @@ import math
 import numpy as np
 
 from .._kernels import _core
-from .._errors import (IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
+from .._errors import (CorruptPayloadError, IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError,
                        LengthMismatchError, NonFiniteError, ShapeError)
 from ._config import CacheStats, KVCacheConfig, MultiHeadCacheStats, MultiHeadConfig, QuantStrategy
 from ..quant._codec import F32, BlockMSECodec, MSECodec, ProdCodec, check_block
+from ..io._persist import Persistent, attribute_copy, config_field, expect, expect_finite
 from ..quant._codes import CODES_TYPES
 from ..quant._quantizers import TurboQuantMSE, TurboQuantProd
 from ._head_codecs import HeadCodecs
@@ -375,7 +376,7 @@ def _check_scale(scale, dim):
     return float(scale)
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(Persistent):
     """A quantized key/value cache for one attention head.
 
     Parameters
@@ -391,6 +392,8 @@ class QuantizedKVCache:
     tokens are held as ``config.residual_dtype`` (float32 by default). Heavy methods take ``n_threads`` (see
     :func:`turboquant.resolve_n_threads`); results do not depend on it.
     """
+
+    _kind = "QuantizedKVCache"
 
     def __init__(self, config):
         if not isinstance(config, KVCacheConfig):
@@ -606,7 +609,7 @@ class QuantizedKVCache:
 
     def copy(self):
         """An independent copy (the immutable quantizers are shared)."""
-        return copy.deepcopy(self)
+        return attribute_copy(self)
 
     # -- reading -------------------------------------------------------------------
     def _queries(self, query):
@@ -839,6 +842,105 @@ class QuantizedKVCache:
                 f"@{c.key_bits}b, value=mse@{c.value_bits}b{extras})")
 
 
+
+# -- persistence of a head's state (QuantizedKVCache; MultiHeadKVCache and the batch use it per head) --
+
+def _head_payload(cache, prefix=""):
+    """``(state, arrays)`` of one head: which learned parts are set, and every array."""
+    keys = cache._keys
+    state = {"center": keys.center is not None, "channels": keys.channels is not None}
+    arrays = {}
+    if keys.center is not None:
+        arrays[prefix + "key_center"] = keys.center
+    if keys.channels is not None:
+        arrays[prefix + "outlier_channels"] = keys.channels.astype(np.int64)
+    for region, buffer in (("sinks.", cache._sinks), ("recent.", cache._recent), ("quantized.", cache._quantized)):
+        for name, array in buffer.views().items():
+            arrays[prefix + region + name] = array
+    return state, arrays
+
+
+def _restore_head(cache, state, arrays, prefix, mapped):
+    """Put a head's saved state (checked here) into the fresh ``cache``."""
+    config, keys = cache.config, cache._keys
+    if not isinstance(state, dict) or set(state) != {"center", "channels"} or \
+            not all(isinstance(value, bool) for value in state.values()):
+        raise CorruptPayloadError(f"config.{prefix}state: expected the flags center and channels")
+    expected = set()
+    if state["center"]:
+        if not config.center_keys:
+            raise CorruptPayloadError(f"arrays[{prefix + 'key_center'!r}]: the config does not center keys")
+        center = expect_finite(expect(arrays, prefix + "key_center", FULL_PRECISION, (config.dim,)),
+                               prefix + "key_center")
+        expected.add(prefix + "key_center")
+    if state["channels"]:
+        name = prefix + "outlier_channels"
+        channels = expect(arrays, name, np.int64, (config.num_outlier_channels,))
+        if keys.outlier is None or len(np.unique(channels)) != len(channels) or \
+                (channels < 0).any() or (channels >= config.dim).any():
+            raise CorruptPayloadError(f"arrays[{name!r}]: not distinct channels of the config")
+        explicit = config.outlier_channels
+        if isinstance(explicit, tuple) and sorted(explicit) != sorted(channels.tolist()):
+            raise CorruptPayloadError(f"arrays[{name!r}]: differs from the config's outlier channels")
+        expected.add(name)
+    regions = {}
+    for region, buffer in (("sinks.", cache._sinks), ("recent.", cache._recent), ("quantized.", cache._quantized)):
+        rows = None
+        part = {}
+        for name, (dtype, shape) in buffer.layout.items():
+            key = prefix + region + name
+            array = expect(arrays, key, dtype, (rows,) + shape)
+            rows = array.shape[0]
+            part[name] = array
+            expected.add(key)
+        if region != "quantized.":
+            for name, array in part.items():
+                expect_finite(array, prefix + region + name)
+        regions[region] = (buffer, part, rows)
+    # The codes of the quantized region: every part checked as codes of its codec.
+    quantized = regions["quantized."][1]
+    for codec, codec_prefix in ((keys.main, "main."), (keys.outlier, "outlier."),
+                                (cache._values.codec, VALUE_PREFIX)):
+        if codec is not None:
+            CODES_TYPES[codec.spec.kind]._checked(
+                codec.spec, {name[len(codec_prefix):]: array for name, array in quantized.items()
+                             if name.startswith(codec_prefix)}, copy=False)
+    extra = {name for name in arrays if name.startswith(prefix)} - expected
+    if extra:
+        raise CorruptPayloadError(f"arrays: unexpected {sorted(extra)}")
+    n_sinks, n_recent = regions["sinks."][2], regions["recent."][2]
+    if n_sinks > config.sink_tokens or n_recent > config.residual_tokens:
+        raise CorruptPayloadError(f"arrays[{prefix + 'sinks.k'!r}]: more sink or recent tokens than the config holds")
+    if state["center"]:
+        center = center if mapped else center.copy()
+        center.setflags(write=False)
+        keys.center = center
+    if state["channels"]:
+        keys._set_channels(np.array(channels, dtype=np.intp))
+    for buffer, part, rows in regions.values():
+        # Capacity equal to the rows: the first append copies them (copy-on-write).
+        buffer._set_storage({name: array if mapped else array.copy() for name, array in part.items()}, rows)
+
+
+def _cache_payload(self):
+    state, arrays = _head_payload(self)
+    return {"config": self.config.to_dict(), "state": state}, arrays
+
+
+def _cache_from_payload(cls, config, arrays, mapped):
+    if set(config) != {"config", "state"}:
+        raise CorruptPayloadError("config: expected the keys config and state")
+    cache = cls(KVCacheConfig.from_dict(config_field(config, "config", dict)))
+    _restore_head(cache, config["state"], arrays, "", mapped)
+    return cache
+
+
+QuantizedKVCache._payload = _cache_payload
+QuantizedKVCache._from_payload = classmethod(_cache_from_payload)
+QuantizedKVCache._rebuilt = lambda self: {"keys": self._keys.main, "outlier_keys": self._keys.outlier,
+                                          "values": self._values.codec}
+
+
 class _LayerDims:
     """The shape of a layer, read off ``self.config`` (a :class:`MultiHeadConfig`)."""
 
@@ -858,7 +960,7 @@ class _LayerDims:
         return self.config.head_config.dim
 
 
-class MultiHeadKVCache(_LayerDims):
+class MultiHeadKVCache(_LayerDims, Persistent):
     """Quantized KV caches for every KV head of a layer, with grouped-query attention.
 
     Parameters
@@ -871,6 +973,8 @@ class MultiHeadKVCache(_LayerDims):
     per query head: ``(num_query_heads, dim)`` or ``(num_query_heads, m, dim)``;
     KV head ``h`` serves query heads ``h*g .. h*g + g - 1``.
     """
+
+    _kind = "MultiHeadKVCache"
 
     def __init__(self, config):
         if not isinstance(config, MultiHeadConfig):
@@ -1155,7 +1259,7 @@ class MultiHeadKVCache(_LayerDims):
 
     def copy(self):
         """An independent copy of every head (the immutable quantizers are shared)."""
-        return copy.deepcopy(self)
+        return attribute_copy(self)
 
     def __repr__(self):
         c = self.config
@@ -1323,3 +1427,49 @@ def _head_rotations(operands):
 
 def _replace_seed(config, seed):
     return dataclasses.replace(config, seed=seed)
+
+
+# -- persistence of a multi-head layer -------------------------------------------------------------
+
+def _layer_payload(layer, prefix=""):
+    states, arrays = [], {}
+    for h, head in enumerate(layer._heads):
+        state, head_arrays = _head_payload(head, f"{prefix}head{h}.")
+        states.append(state)
+        arrays.update(head_arrays)
+    return states, arrays
+
+
+def _restore_layer(layer, states, arrays, prefix, mapped):
+    if not isinstance(states, list) or len(states) != len(layer._heads):
+        raise CorruptPayloadError(f"config.{prefix}heads: expected {len(layer._heads)} head states")
+    for h, (head, state) in enumerate(zip(layer._heads, states)):
+        _restore_head(head, state, arrays, f"{prefix}head{h}.", mapped)
+    regions = {(len(head._sinks), len(head._quantized), len(head._recent)) for head in layer._heads}
+    if len(regions) > 1:
+        raise CorruptPayloadError(f"arrays[{prefix + 'head0.sinks.k'!r}]: the heads hold different token counts")
+
+
+def _multi_payload(self):
+    states, arrays = _layer_payload(self)
+    return {"config": self.config.to_dict(), "heads": states}, arrays
+
+
+def _multi_from_payload(cls, config, arrays, mapped):
+    if set(config) != {"config", "heads"}:
+        raise CorruptPayloadError("config: expected the keys config and heads")
+    layer = cls(MultiHeadConfig.from_dict(config_field(config, "config", dict)))
+    _restore_layer(layer, config["heads"], arrays, "", mapped)
+    return layer
+
+
+def _multi_rebuilt(self):
+    tables = {}
+    for h, head in enumerate(self._heads):
+        tables.update({f"head{h}.{name}": codec for name, codec in head._rebuilt().items()})
+    return tables
+
+
+MultiHeadKVCache._payload = _multi_payload
+MultiHeadKVCache._from_payload = classmethod(_multi_from_payload)
+MultiHeadKVCache._rebuilt = _multi_rebuilt

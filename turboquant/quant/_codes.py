@@ -13,6 +13,7 @@ import numpy as np
 
 from .._errors import CorruptPayloadError, IncompatibleCodesError, IndexOutOfRangeError, InvalidParameterError
 from .._validation import check_bool, check_choice, check_int, readonly
+from ..io._persist import Persistent, config_field
 from ._rotation import ROTATIONS, SKETCHES
 
 #: ``kind: (lowest bits, highest bits, rotations, sketches)`` of valid specs.
@@ -122,11 +123,14 @@ class CodeSpec:
         raise InvalidParameterError(f"unknown codes kind {self.kind!r}")  # pragma: no cover (checked at construction)
 
 
-class Codes:
+class Codes(Persistent):
     """A batch of quantized vectors (base class of the concrete codes types).
 
     Do not build one by hand: quantizers return them from ``quantize``, and
     :meth:`from_arrays` rebuilds one from plain arrays after checking them.
+    ``save``/``load`` (``mmap=True`` maps the packed arrays read-only),
+    ``to_bytes``/``from_bytes`` and pickling go through the checked format of
+    :mod:`turboquant.io`.
 
     Attributes
     ----------
@@ -164,6 +168,11 @@ class Codes:
             If an array is missing, extra, of the wrong dtype or shape, the row
             counts differ, or a norm is negative or not finite.
         """
+        return cls._checked(spec, arrays, copy=True)
+
+    @classmethod
+    def _checked(cls, spec, arrays, copy):
+        """:meth:`from_arrays`, keeping the (read-only) arrays themselves when not ``copy``."""
         if isinstance(spec, dict):
             spec = CodeSpec.from_dict(spec)
         if not isinstance(spec, CodeSpec):
@@ -194,8 +203,18 @@ class Codes:
                     f"{name} has {array.shape[0]} rows; the other arrays have {n_rows}")
             if width is None and not (np.isfinite(array).all() and (array >= 0).all()):
                 raise CorruptPayloadError(f"{name} must be finite and non-negative")
-            checked[name] = np.array(array, order="C", copy=True)
+            checked[name] = np.array(array, order="C", copy=True) if copy else np.ascontiguousarray(array)
         return cls(spec, checked)
+
+    # -- persistence -----------------------------------------------------------
+    def _payload(self):
+        return {"spec": self.spec.to_dict()}, dict(self._arrays)
+
+    @classmethod
+    def _from_payload(cls, config, arrays, mapped):
+        if set(config) != {"spec"}:
+            raise CorruptPayloadError("config: a codes file holds its spec only")
+        return cls._checked(config_field(config, "spec", dict), arrays, copy=not mapped)
 
     def to_arrays(self):
         """Copies of the row arrays, as a dict ``{name: ndarray}`` (see :meth:`from_arrays`)."""
@@ -317,6 +336,7 @@ class MSECodes(Codes):
     """
 
     kind = "mse"
+    _kind = "MSECodes"
 
     @property
     def indices(self):
@@ -334,6 +354,7 @@ class ProdCodes(Codes):
     packed QJL ``signs`` of the residual, ``norms`` and ``residual_norms``."""
 
     kind = "prod"
+    _kind = "ProdCodes"
 
     @property
     def indices(self):
@@ -355,6 +376,7 @@ class QJLCodes(Codes):
     """Codes of :class:`QJL`: packed ``signs`` (n, ceil(d/8)) uint8 and ``norms`` (n,) float32."""
 
     kind = "qjl"
+    _kind = "QJLCodes"
 
     @property
     def signs(self):

@@ -9,17 +9,48 @@ import math
 
 import numpy as np
 
-from .._errors import InvalidParameterError
+from .._errors import CorruptPayloadError, InvalidParameterError
+from ..io._persist import Persistent, config_field
 from .._threads import resolve_n_threads
 from .._validation import as_rows, check_bool, check_float_dtype
 from ._codec import BlockMSECodec, MSECodec, ProdCodec, QJLCodec
-from ._codes import MSECodes, ProdCodes, QJLCodes, packed_row_bytes
+from ._codes import CodeSpec, MSECodes, ProdCodes, QJLCodes, packed_row_bytes
 
 
-class _Quantizer:
-    """Shared plumbing: argument checks, norms, query handling and output shapes."""
+class _Quantizer(Persistent):
+    """Shared plumbing: argument checks, norms, query handling and output shapes,
+    and persistence (``save``/``load``, ``to_bytes``/``from_bytes``, pickling:
+    the settings, from which the codebook and rotation are rebuilt and checked)."""
 
     codes_type = None
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def _payload(self):
+        return {"spec": self.spec.to_dict()}, {}
+
+    def _rebuilt(self):
+        return {"codec": self._codec}
+
+    @classmethod
+    def _from_payload(cls, config, arrays, mapped):
+        if set(config) != {"spec"} or arrays:
+            raise CorruptPayloadError("config: a quantizer file holds its spec and no arrays")
+        spec = CodeSpec.from_dict(config_field(config, "spec", dict))
+        if spec.kind != cls.codes_type.kind:
+            raise CorruptPayloadError(f"config.spec.kind: {spec.kind!r} codes are not made by {cls.__name__}")
+        return cls._of_spec(spec)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.spec == self.spec
+
+    __hash__ = None
+
+    # Quantizers are immutable: a copy is the quantizer itself (pickling goes through the bytes).
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     @classmethod
     def _of(cls, codec):
@@ -154,6 +185,11 @@ class TurboQuantMSE(_Quantizer):
     """
 
     codes_type = MSECodes
+    _kind = "TurboQuantMSE"
+
+    @classmethod
+    def _of_spec(cls, spec):
+        return cls(spec.dim, spec.bits, seed=spec.seed, rotation=spec.rotation, block_scales=spec.block_scales)
 
     def __init__(self, dim, bits, *, seed=0, rotation="dense", block_scales=False):
         codec = BlockMSECodec if check_bool(block_scales, "block_scales") else MSECodec
@@ -257,6 +293,12 @@ class TurboQuantProd(_Quantizer):
 
     codes_type = ProdCodes
 
+    _kind = "TurboQuantProd"
+
+    @classmethod
+    def _of_spec(cls, spec):
+        return cls(spec.dim, spec.bits, seed=spec.seed, rotation=spec.rotation, sketch=spec.sketch)
+
     def __init__(self, dim, bits, *, seed=0, rotation="dense", sketch="gaussian"):
         self._adopt(ProdCodec(dim, bits, seed, rotation, sketch))
 
@@ -317,6 +359,11 @@ class QJL(_Quantizer):
 
     codes_type = QJLCodes
     bits = 1
+    _kind = "QJL"
+
+    @classmethod
+    def _of_spec(cls, spec):
+        return cls(spec.dim, seed=spec.seed, sketch=spec.sketch)
 
     def __init__(self, dim, *, seed=0, sketch="gaussian"):
         self._adopt(QJLCodec(dim, seed, sketch))
