@@ -8,7 +8,7 @@
  * up at once (FAISS's fast-scan idea, applied to per-coordinate codes).
  *
  * Block layout. Rows are stored in blocks of TQ_SCAN_BLOCK (32) rows. A block
- * holds, for each of the row's nibbles (padded to an even count), 16 bytes:
+ * holds, for each of the row's nibbles (padded to a multiple of 4), 16 bytes:
  * byte t of nibble g has the nibble g of row sigma(t) in its low half and of
  * row 16 + sigma(t) in its high half, with sigma(t) = t / 2 + 8 (t % 2).
  * That order makes the 16-bit lanes of a PSHUFB result, split into their low
@@ -45,25 +45,11 @@
 /* Code bytes of the blocks every query's table goes over in turn (about half an L1). */
 #define TQ_SCAN_TILE_BYTES 16384
 
-#if defined(__GNUC__) || defined(__clang__)
-#define tq_scan_lowest_bit(x) __builtin_ctz(x)
-#else
-static inline int tq_scan_lowest_bit(uint32_t x)
-{
-    int r = 0;
-    while (!(x & 1u)) {
-        x >>= 1;
-        r++;
-    }
-    return r;
-}
-#endif
-
-/* Nibbles of a row of d coordinates of `bits` (1, 2 or 4) bits, padded to an even count. */
+/* Nibbles of a row of d coordinates of `bits` (1, 2 or 4) bits, padded to a
+ * multiple of 4 (the AVX2 loop takes two pairs of nibbles at a time). */
 static inline ptrdiff_t tq_scan_nibbles(ptrdiff_t d, int bits)
 {
-    ptrdiff_t nibbles = (d * bits + 3) / 4;
-    return nibbles + (nibbles & 1);
+    return (d * bits + 15) / 16 * 4;
 }
 
 static inline ptrdiff_t tq_scan_block_bytes(ptrdiff_t nibbles) { return 16 * nibbles; }
@@ -196,7 +182,7 @@ static inline double tq_scan_exact(const uint8_t *blocks, ptrdiff_t nibbles, ptr
     const int r = (int)(position % TQ_SCAN_BLOCK), shift = 4 * (r >> 4);
     const uint8_t *bytes = blocks + (position / TQ_SCAN_BLOCK) * tq_scan_block_bytes(nibbles) + tq_scan_byte(0, r);
     double a0 = 0.0, a1 = 0.0;
-    for (ptrdiff_t g = 0; g < nibbles; g += 2) {   /* nibbles is even */
+    for (ptrdiff_t g = 0; g < nibbles; g += 2) {   /* nibbles is a multiple of 4 */
         a0 += exact[16 * g + ((bytes[16 * g] >> shift) & 15u)];
         a1 += exact[16 * g + 16 + ((bytes[16 * g + 16] >> shift) & 15u)];
     }
@@ -290,159 +276,179 @@ static void tq_heap_sort(tq_heap *heap)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Block scan: the approximate keys of one block's rows for one query         */
+/* Block scan                                                                 */
 /* ------------------------------------------------------------------------ */
 
-/* The approximate keys of a block's 32 rows for one query (float32:
- * scale * (step * sum + base) + offset, in that order on every variant) into
- * keys[32], and the mask of the first `rows` whose key is >= threshold. */
+/* What the scan needs of one query: its integer table, the float32 step and
+ * base of its approximate inner products, and its heap. */
 typedef struct {
-    const float *scale, *offset;   /* the block's first row; offset may be NULL */
-    float step, base, threshold;
-    /* the least and largest scale and the largest offset of the block's rows */
-    float scale_low, scale_high, offset_high;
+    const uint8_t *table;
+    float step, base;
+    tq_heap *heap;
+} tq_scan_query;
+
+/* What it needs of one block: its rows' scales and offsets (offset may be
+ * NULL), the rows held, and the least and largest scale and the largest offset. */
+typedef struct {
+    const float *scale, *offset;
+    const int64_t *ids;
+    ptrdiff_t first;
     int rows;
-} tq_scan_key_terms;
+    float scale_low, scale_high, offset_high;
+} tq_scan_block_terms;
 
 /* Whether a row whose integer sum is at most max_sum may have a key >= the
- * threshold: an upper bound of the block's keys, widened by far more than the
- * float32 rounding of any key, so a block it rules out holds no such row. */
-static inline int tq_scan_block_may_pass(uint32_t max_sum, const tq_scan_key_terms *terms)
+ * query's threshold: an upper bound of the block's keys, widened by far more
+ * than the float32 rounding of any key, so a block it rules out holds no such row. */
+static inline int tq_scan_block_may_pass(uint32_t max_sum, const tq_scan_query *query,
+                                         const tq_scan_block_terms *block, double threshold)
 {
-    const double stepped = (double)terms->step * (double)max_sum, approx = stepped + (double)terms->base;
-    const double bound = (approx >= 0.0 ? terms->scale_high : terms->scale_low) * approx + terms->offset_high;
-    const double slack = 1e-5 * ((double)terms->scale_high * (fabs(stepped) + fabs((double)terms->base)) +
-                                 fabs((double)terms->offset_high)) + 1e-30;
-    return bound + slack >= (double)terms->threshold;
+    const double stepped = (double)query->step * (double)max_sum, approx = stepped + (double)query->base;
+    const double bound = (approx >= 0.0 ? block->scale_high : block->scale_low) * approx + block->offset_high;
+    const double slack = 1e-5 * ((double)block->scale_high * (fabs(stepped) + fabs((double)query->base)) +
+                                 fabs((double)block->offset_high)) + 1e-30;
+    return bound + slack >= threshold;
 }
 
-/* The keys and mask of terms->rows rows from their integer table sums. */
-static inline uint32_t tq_scan_keys_of_sums(const uint32_t *sums, const tq_scan_key_terms *terms, float *keys)
+/* Offer the block's rows whose keys (float32 scale * (step * sum + base) +
+ * offset, in that order on every variant) reach the heap's threshold. */
+static inline void tq_scan_offer_sums(const uint32_t *sums, const tq_scan_query *query,
+                                      const tq_scan_block_terms *block)
 {
-    uint32_t mask = 0;
-    for (int r = 0; r < terms->rows; r++) {
-        float key = terms->scale[r] * (terms->step * (float)sums[r] + terms->base);
-        if (terms->offset != NULL)
-            key = key + terms->offset[r];
-        keys[r] = key;
-        mask |= (uint32_t)(key >= terms->threshold) << r;
+    tq_heap *heap = query->heap;
+    for (int r = 0; r < block->rows; r++) {
+        float key = block->scale[r] * (query->step * (float)sums[r] + query->base);
+        if (block->offset != NULL)
+            key = key + block->offset[r];
+        if ((double)key >= tq_heap_threshold(heap))
+            tq_heap_offer_row(heap, (double)key, block->ids[r], block->first + r);
     }
-    return mask;
 }
 
-TQ_INLINE uint32_t tq_scan_block_keys_portable(const uint8_t *block, const uint8_t *table, ptrdiff_t nibbles,
-                                               const tq_scan_key_terms *terms, float *keys)
+/* The integer sums of a block's rows for one query, then their offers. */
+static void tq_scan_block_portable(const uint8_t *block, ptrdiff_t nibbles, const tq_scan_query *query,
+                                   const tq_scan_block_terms *terms)
 {
-    uint32_t acc[TQ_SCAN_BLOCK] = {0};
+    uint32_t sums[TQ_SCAN_BLOCK] = {0}, max_sum = 0;
     for (ptrdiff_t g = 0; g < nibbles; g++) {
-        const uint8_t *bytes = block + 16 * g, *entries = table + 16 * g;
+        const uint8_t *bytes = block + 16 * g, *entries = query->table + 16 * g;
         for (int t = 0; t < 16; t++) {
             const int r = t / 2 + 8 * (t % 2);
-            acc[r] += entries[bytes[t] & 15u];
-            acc[16 + r] += entries[bytes[t] >> 4];
+            sums[r] += entries[bytes[t] & 15u];
+            sums[16 + r] += entries[bytes[t] >> 4];
         }
     }
-    uint32_t max_sum = 0;
+    /* rows past terms->rows (zero codes) can only raise the maximum, and the bound with it */
     for (int r = 0; r < TQ_SCAN_BLOCK; r++)
-        max_sum = acc[r] > max_sum ? acc[r] : max_sum;
-    if (!tq_scan_block_may_pass(max_sum, terms))
-        return 0;
-    return tq_scan_keys_of_sums(acc, terms, keys);
+        max_sum = sums[r] > max_sum ? sums[r] : max_sum;
+    if (tq_scan_block_may_pass(max_sum, query, terms, tq_heap_threshold(query->heap)))
+        tq_scan_offer_sums(sums, query, terms);
 }
 
 #ifdef TQ_X86_VARIANTS
 #include <immintrin.h>
 
+#define TQ_SCAN_AVX2_INLINE TQ_AVX2_TARGET static inline __attribute__((always_inline))
+
 /* 16 uint16 lanes of two 128-bit halves, each half 8 rows: their sum as 8 uint32. */
-TQ_AVX2_TARGET static inline __m256i tq_scan_fold(__m256i v)
+TQ_SCAN_AVX2_INLINE __m256i tq_scan_fold(__m256i v)
 {
     return _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)),
                             _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
 }
 
-TQ_AVX2_TARGET static uint32_t tq_scan_block_keys_avx2(const uint8_t *block, const uint8_t *table,
-                                                        ptrdiff_t nibbles, const tq_scan_key_terms *terms,
-                                                        float *keys)
+/* Add nibbles g0 .. g1-1 (a multiple of 4, at most 2 * TQ_SCAN_CHUNK_PAIRS)
+ * of a block's 32 rows for Q (1 or 2, a constant) queries at once, sharing the
+ * code loads, to total[q][k] (rows 8k .. 8k+7). Lookups of two nibble pairs
+ * add up in bytes (entries are at most TQ_SCAN_LEVELS), then in 16-bit lanes:
+ * "words" sum all bytes (odd ones times 256, wrapping), "high" the odd bytes;
+ * even bytes are rows 0..7 (16..23) and odd bytes rows 8..15 (24..31). */
+TQ_SCAN_AVX2_INLINE void tq_scan_pairs_avx2(const uint8_t *block, ptrdiff_t g0, ptrdiff_t g1,
+                                            const tq_scan_query *queries, const int Q, __m256i total[2][4])
 {
     const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    __m256i total[4];
-    for (int k = 0; k < 4; k++)
-        total[k] = _mm256_setzero_si256();
-    for (ptrdiff_t g0 = 0; g0 < nibbles; g0 += 2 * TQ_SCAN_CHUNK_PAIRS) {
-        const ptrdiff_t g1 = g0 + 2 * TQ_SCAN_CHUNK_PAIRS < nibbles ? g0 + 2 * TQ_SCAN_CHUNK_PAIRS : nibbles;
-        /* words: all bytes (odd ones times 256, wrapping); high: the odd bytes */
-        __m256i words_lo = _mm256_setzero_si256(), high_lo = _mm256_setzero_si256();
-        __m256i words_hi = _mm256_setzero_si256(), high_hi = _mm256_setzero_si256();
-        ptrdiff_t g = g0;
-        for (; g + 4 <= g1; g += 4) {   /* two pairs, their lookups added in bytes first */
-            const __m256i codes0 = _mm256_loadu_si256((const __m256i *)(block + 16 * g));
-            const __m256i codes1 = _mm256_loadu_si256((const __m256i *)(block + 16 * g + 32));
-            const __m256i entries0 = _mm256_loadu_si256((const __m256i *)(table + 16 * g));
-            const __m256i entries1 = _mm256_loadu_si256((const __m256i *)(table + 16 * g + 32));
-            const __m256i lo = _mm256_add_epi8(
-                _mm256_shuffle_epi8(entries0, _mm256_and_si256(codes0, low_nibbles)),
-                _mm256_shuffle_epi8(entries1, _mm256_and_si256(codes1, low_nibbles)));
-            const __m256i hi = _mm256_add_epi8(
-                _mm256_shuffle_epi8(entries0, _mm256_and_si256(_mm256_srli_epi16(codes0, 4), low_nibbles)),
-                _mm256_shuffle_epi8(entries1, _mm256_and_si256(_mm256_srli_epi16(codes1, 4), low_nibbles)));
-            words_lo = _mm256_add_epi16(words_lo, lo);
-            high_lo = _mm256_add_epi16(high_lo, _mm256_srli_epi16(lo, 8));
-            words_hi = _mm256_add_epi16(words_hi, hi);
-            high_hi = _mm256_add_epi16(high_hi, _mm256_srli_epi16(hi, 8));
+    __m256i wl[2], hl[2], wh[2], hh[2];
+    for (int q = 0; q < Q; q++)
+        wl[q] = hl[q] = wh[q] = hh[q] = _mm256_setzero_si256();
+    for (ptrdiff_t g = g0; g < g1; g += 4) {
+        const __m256i codes0 = _mm256_loadu_si256((const __m256i *)(block + 16 * g));
+        const __m256i codes1 = _mm256_loadu_si256((const __m256i *)(block + 16 * g + 32));
+        const __m256i lo0 = _mm256_and_si256(codes0, low_nibbles), lo1 = _mm256_and_si256(codes1, low_nibbles);
+        const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(codes0, 4), low_nibbles);
+        const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(codes1, 4), low_nibbles);
+#pragma GCC unroll 2
+        for (int q = 0; q < Q; q++) {
+            const __m256i e0 = _mm256_loadu_si256((const __m256i *)(queries[q].table + 16 * g));
+            const __m256i e1 = _mm256_loadu_si256((const __m256i *)(queries[q].table + 16 * g + 32));
+            const __m256i lo = _mm256_add_epi8(_mm256_shuffle_epi8(e0, lo0), _mm256_shuffle_epi8(e1, lo1));
+            const __m256i hi = _mm256_add_epi8(_mm256_shuffle_epi8(e0, hi0), _mm256_shuffle_epi8(e1, hi1));
+            wl[q] = _mm256_add_epi16(wl[q], lo);
+            hl[q] = _mm256_add_epi16(hl[q], _mm256_srli_epi16(lo, 8));
+            wh[q] = _mm256_add_epi16(wh[q], hi);
+            hh[q] = _mm256_add_epi16(hh[q], _mm256_srli_epi16(hi, 8));
         }
-        if (g < g1) {   /* a last single pair */
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(block + 16 * g));
-            const __m256i entries = _mm256_loadu_si256((const __m256i *)(table + 16 * g));
-            const __m256i lo = _mm256_shuffle_epi8(entries, _mm256_and_si256(codes, low_nibbles));
-            const __m256i hi = _mm256_shuffle_epi8(entries, _mm256_and_si256(_mm256_srli_epi16(codes, 4), low_nibbles));
-            words_lo = _mm256_add_epi16(words_lo, lo);
-            high_lo = _mm256_add_epi16(high_lo, _mm256_srli_epi16(lo, 8));
-            words_hi = _mm256_add_epi16(words_hi, hi);
-            high_hi = _mm256_add_epi16(high_hi, _mm256_srli_epi16(hi, 8));
-        }
-        /* even bytes = rows 0..7 (16..23), odd bytes = rows 8..15 (24..31) */
-        total[0] = _mm256_add_epi32(total[0], tq_scan_fold(_mm256_sub_epi16(words_lo, _mm256_slli_epi16(high_lo, 8))));
-        total[1] = _mm256_add_epi32(total[1], tq_scan_fold(high_lo));
-        total[2] = _mm256_add_epi32(total[2], tq_scan_fold(_mm256_sub_epi16(words_hi, _mm256_slli_epi16(high_hi, 8))));
-        total[3] = _mm256_add_epi32(total[3], tq_scan_fold(high_hi));
     }
-    /* rows past terms->rows (zero codes) can only raise the maximum, and the bound with it */
-    __m256i top = _mm256_max_epu32(_mm256_max_epu32(total[0], total[1]), _mm256_max_epu32(total[2], total[3]));
+    for (int q = 0; q < Q; q++) {
+        total[q][0] = _mm256_add_epi32(total[q][0], tq_scan_fold(_mm256_sub_epi16(wl[q], _mm256_slli_epi16(hl[q], 8))));
+        total[q][1] = _mm256_add_epi32(total[q][1], tq_scan_fold(hl[q]));
+        total[q][2] = _mm256_add_epi32(total[q][2], tq_scan_fold(_mm256_sub_epi16(wh[q], _mm256_slli_epi16(hh[q], 8))));
+        total[q][3] = _mm256_add_epi32(total[q][3], tq_scan_fold(hh[q]));
+    }
+}
+
+/* The integer sums of a block's rows for Q queries (widened to 32 bits every
+ * TQ_SCAN_CHUNK_PAIRS pairs). */
+TQ_SCAN_AVX2_INLINE void tq_scan_sums_avx2(const uint8_t *block, ptrdiff_t nibbles,
+                                           const tq_scan_query *queries, const int Q, __m256i total[2][4])
+{
+    for (int q = 0; q < Q; q++)
+        for (int k = 0; k < 4; k++)
+            total[q][k] = _mm256_setzero_si256();
+    for (ptrdiff_t g0 = 0; g0 < nibbles; g0 += 2 * TQ_SCAN_CHUNK_PAIRS)
+        tq_scan_pairs_avx2(block, g0, g0 + 2 * TQ_SCAN_CHUNK_PAIRS < nibbles ? g0 + 2 * TQ_SCAN_CHUNK_PAIRS : nibbles,
+                           queries, Q, total);
+}
+
+/* The bound check and the offers of one query's block sums. */
+TQ_SCAN_AVX2_INLINE void tq_scan_offer_avx2(const __m256i total[4], const tq_scan_query *query,
+                                            const tq_scan_block_terms *block)
+{
+    /* rows past block->rows (zero codes) can only raise the maximum, and the bound with it */
+    const __m256i top = _mm256_max_epu32(_mm256_max_epu32(total[0], total[1]), _mm256_max_epu32(total[2], total[3]));
     __m128i top4 = _mm_max_epu32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
     top4 = _mm_max_epu32(top4, _mm_shuffle_epi32(top4, 0x4E));
     top4 = _mm_max_epu32(top4, _mm_shuffle_epi32(top4, 0xB1));
-    if (!tq_scan_block_may_pass((uint32_t)_mm_cvtsi128_si32(top4), terms))
-        return 0;
-    if (terms->rows < TQ_SCAN_BLOCK) {   /* the last block: no reads past the rows held */
-        uint32_t sums[TQ_SCAN_BLOCK];
-        for (int k = 0; k < 4; k++)
-            _mm256_storeu_si256((__m256i *)(sums + 8 * k), total[k]);
-        return tq_scan_keys_of_sums(sums, terms, keys);
-    }
-    const __m256 step = _mm256_set1_ps(terms->step), base = _mm256_set1_ps(terms->base);
-    const __m256 threshold = _mm256_set1_ps(terms->threshold);
-    uint32_t mask = 0;
-    for (int k = 0; k < 4; k++) {
-        __m256 key = _mm256_mul_ps(_mm256_loadu_ps(terms->scale + 8 * k),
-                                   _mm256_add_ps(_mm256_mul_ps(step, _mm256_cvtepi32_ps(total[k])), base));
-        if (terms->offset != NULL)
-            key = _mm256_add_ps(key, _mm256_loadu_ps(terms->offset + 8 * k));
-        _mm256_storeu_ps(keys + 8 * k, key);
-        mask |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(key, threshold, _CMP_GE_OQ)) << (8 * k);
-    }
-    return mask;
+    const double threshold = tq_heap_threshold(query->heap);
+    if (!tq_scan_block_may_pass((uint32_t)_mm_cvtsi128_si32(top4), query, block, threshold))
+        return;
+    uint32_t sums[TQ_SCAN_BLOCK];
+    for (int k = 0; k < 4; k++)
+        _mm256_storeu_si256((__m256i *)(sums + 8 * k), total[k]);
+    tq_scan_offer_sums(sums, query, block);
 }
-#endif
 
-static inline uint32_t tq_scan_block_keys(int variant, const uint8_t *block, const uint8_t *table,
-                                          ptrdiff_t nibbles, const tq_scan_key_terms *terms, float *keys)
+/* Blocks b0 .. b1-1 for queries in pairs (and a last single one). */
+TQ_AVX2_TARGET static void tq_scan_tile_avx2(const uint8_t *blocks, ptrdiff_t block_bytes, ptrdiff_t nibbles,
+                                             ptrdiff_t b0, ptrdiff_t b1, const tq_scan_query *queries,
+                                             ptrdiff_t m, const tq_scan_block_terms *terms)
 {
-#ifdef TQ_X86_VARIANTS
-    if (variant != TQ_PORTABLE)
-        return tq_scan_block_keys_avx2(block, table, nibbles, terms, keys);
-#endif
-    return tq_scan_block_keys_portable(block, table, nibbles, terms, keys);
+    __m256i total[2][4];
+    for (ptrdiff_t q = 0; q < m; q += 2) {
+        const int pair = q + 1 < m;
+        for (ptrdiff_t b = b0; b < b1; b++) {
+            const uint8_t *block = blocks + b * block_bytes;
+            if (pair) {
+                tq_scan_sums_avx2(block, nibbles, queries + q, 2, total);
+                tq_scan_offer_avx2(total[0], queries + q, terms + (b - b0));
+                tq_scan_offer_avx2(total[1], queries + q + 1, terms + (b - b0));
+            } else {
+                tq_scan_sums_avx2(block, nibbles, queries + q, 1, total);
+                tq_scan_offer_avx2(total[0], queries + q, terms + (b - b0));
+            }
+        }
+    }
 }
+#endif
 
 /* ------------------------------------------------------------------------ */
 /* Entry points                                                              */
@@ -450,42 +456,52 @@ static inline uint32_t tq_scan_block_keys(int variant, const uint8_t *block, con
 
 /* Offer the rows of blocks b0 .. b1-1 (n rows in all) to the heaps of m queries
  * (heaps[q], capacity >= 1), by their approximate keys. tables: m rows of
- * 16 * nibbles uint8; delta, bias: m each; block_terms: per block, the least
- * and largest scale and the largest offset (0 without offsets) of its rows. */
+ * 16 * nibbles integers; delta, bias: m each; block_terms: per block, the least
+ * and largest scale and the largest offset (0 without offsets) of its rows.
+ * Blocks go in tiles small enough to stay in L1 while every query's table goes
+ * over them. */
 static void tq_scan_blocks(int variant, const uint8_t *blocks, ptrdiff_t nibbles, ptrdiff_t n,
                            ptrdiff_t b0, ptrdiff_t b1, const uint8_t *tables, const double *delta,
                            const double *bias, ptrdiff_t m, const float *scale, const float *offset,
                            const float *block_terms, const int64_t *ids, tq_heap *heaps)
 {
+    enum { TILE_MAX = 64 };
     const ptrdiff_t block_bytes = tq_scan_block_bytes(nibbles);
-    float keys[TQ_SCAN_BLOCK];
-    /* Tiles of blocks small enough to stay in L1 while every query's table goes over them. */
-    const ptrdiff_t tile = block_bytes >= TQ_SCAN_TILE_BYTES ? 1 : TQ_SCAN_TILE_BYTES / block_bytes;
+    ptrdiff_t tile = block_bytes >= TQ_SCAN_TILE_BYTES ? 1 : TQ_SCAN_TILE_BYTES / block_bytes;
+    tile = tile > TILE_MAX ? TILE_MAX : tile;
+    tq_scan_block_terms terms[TILE_MAX];
     for (ptrdiff_t t0 = b0; t0 < b1; t0 += tile) {
         const ptrdiff_t t1 = t0 + tile < b1 ? t0 + tile : b1;
-        for (ptrdiff_t q = 0; q < m; q++) {
-            tq_heap *heap = &heaps[q];
-            for (ptrdiff_t b = t0; b < t1; b++) {
-                const ptrdiff_t first = b * TQ_SCAN_BLOCK;
-                tq_scan_key_terms terms;
-                terms.scale = scale + first;
-                terms.offset = offset != NULL ? offset + first : NULL;
-                terms.rows = n - first < TQ_SCAN_BLOCK ? (int)(n - first) : TQ_SCAN_BLOCK;
-                terms.scale_low = block_terms[3 * b];
-                terms.scale_high = block_terms[3 * b + 1];
-                terms.offset_high = block_terms[3 * b + 2];
-                terms.step = (float)delta[q];
-                terms.base = (float)bias[q];
-                terms.threshold = (float)tq_heap_threshold(heap);
-                uint32_t mask = tq_scan_block_keys(variant, blocks + b * block_bytes, tables + q * 16 * nibbles,
-                                                   nibbles, &terms, keys);
-                while (mask) {
-                    const int r = tq_scan_lowest_bit(mask);
-                    mask &= mask - 1;
-                    if ((double)keys[r] >= tq_heap_threshold(heap))
-                        tq_heap_offer_row(heap, (double)keys[r], ids[first + r], first + r);
-                }
+        for (ptrdiff_t b = t0; b < t1; b++) {
+            tq_scan_block_terms *block = &terms[b - t0];
+            block->first = b * TQ_SCAN_BLOCK;
+            block->scale = scale + block->first;
+            block->offset = offset != NULL ? offset + block->first : NULL;
+            block->ids = ids + block->first;
+            block->rows = n - block->first < TQ_SCAN_BLOCK ? (int)(n - block->first) : TQ_SCAN_BLOCK;
+            block->scale_low = block_terms[3 * b];
+            block->scale_high = block_terms[3 * b + 1];
+            block->offset_high = block_terms[3 * b + 2];
+        }
+        /* queries in groups whose descriptions fit on the stack */
+        for (ptrdiff_t q0 = 0; q0 < m; q0 += 16) {
+            tq_scan_query queries[16];
+            const ptrdiff_t count = m - q0 < 16 ? m - q0 : 16;
+            for (ptrdiff_t q = 0; q < count; q++) {
+                queries[q].table = tables + (q0 + q) * 16 * nibbles;
+                queries[q].step = (float)delta[q0 + q];
+                queries[q].base = (float)bias[q0 + q];
+                queries[q].heap = &heaps[q0 + q];
             }
+#ifdef TQ_X86_VARIANTS
+            if (variant != TQ_PORTABLE) {
+                tq_scan_tile_avx2(blocks, block_bytes, nibbles, t0, t1, queries, count, terms);
+                continue;
+            }
+#endif
+            for (ptrdiff_t q = 0; q < count; q++)
+                for (ptrdiff_t b = t0; b < t1; b++)
+                    tq_scan_block_portable(blocks + b * block_bytes, nibbles, &queries[q], &terms[b - t0]);
         }
     }
 }

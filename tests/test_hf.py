@@ -400,3 +400,66 @@ def test_turboquant_imports_without_torch():
     root = pathlib.Path(turboquant.__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert 'pip install "cyturboquant[hf]"' in result.stdout
+
+
+@pytest.mark.parametrize("options", [{}, {"preset": "balanced"}])
+def test_saved_cache_continues_like_the_original(options, tmp_path):
+    import copy
+    import pickle
+
+    model = tiny_model()
+    ids = prompt(20, batch=2)
+    cache = TurboQuantCache(model.config, **options)
+    out = greedy(model, ids, cache, new=6)
+    path = tmp_path / "cache.tq"
+    cache.save(path)
+    data = cache.to_bytes()
+    restored = [TurboQuantCache.from_bytes(data, model.config), TurboQuantCache.load(path, model.config),
+                TurboQuantCache.load(path, model.config, mmap=True), pickle.loads(pickle.dumps(cache))]
+    reference = greedy(model, out, copy.deepcopy(cache), new=8)
+    for other in restored:
+        assert other.to_bytes() == data
+        assert other.get_seq_length() == cache.get_seq_length()
+        torch.testing.assert_close(greedy(model, out, other, new=8), reference, rtol=0, atol=0)
+    wrong = tiny_model(num_hidden_layers=3)
+    with pytest.raises(turboquant.CorruptPayloadError, match="layers"):
+        TurboQuantCache.from_bytes(data, wrong.config)
+    with pytest.raises(turboquant.CorruptPayloadError):
+        TurboQuantCache.from_bytes(data[:-1], model.config)
+
+
+def test_saved_cache_keeps_sliding_window_layers():
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                       layer_types=["full_attention", "sliding_attention"])
+    ids = prompt(20)
+    cache = TurboQuantCache(model.config)
+    out = greedy(model, ids, cache, new=4)
+    restored = TurboQuantCache.from_bytes(cache.to_bytes(), model.config)
+    assert not isinstance(restored.layers[1], TurboQuantLayer)
+    torch.testing.assert_close(restored.layers[1].keys, cache.layers[1].keys, rtol=0, atol=0)
+    torch.testing.assert_close(greedy(model, out, restored, new=5), greedy(model, out, cache, new=5),
+                               rtol=0, atol=0)
+
+
+def test_corrupted_cache_bytes_are_refused():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    model = tiny_model()
+    cache = TurboQuantCache(model.config, sink_tokens=2)
+    greedy(model, prompt(12), cache, new=3)
+    data = cache.to_bytes()
+
+    @settings(max_examples=40, deadline=None)
+    @given(where=st.floats(0, 1), bit=st.integers(0, 7), cut=st.booleans())
+    def check(where, bit, cut):
+        position = int(where * (len(data) - 1))
+        if cut:
+            bad = data[:position]
+        else:
+            bad = bytearray(data)
+            bad[position] ^= 1 << bit
+        with pytest.raises(turboquant.CorruptPayloadError):
+            TurboQuantCache.from_bytes(bytes(bad), model.config)
+
+    check()

@@ -384,3 +384,41 @@ def test_concurrent_searches_and_a_writer():
         assert ids.max() < 20000 and (np.diff(scores, axis=1) <= 0).all()
     np.testing.assert_array_equal(index.search(queries, 10)[1], final[1])
     assert expected[1].shape == final[1].shape
+
+
+def test_concurrent_attention_reads_agree():
+    cache = filled_cache(CACHE_CONFIGS["regions"], tokens=3000)
+    queries = RNG.standard_normal((4, 32)).astype(np.float32)
+    expected = cache.attention_output(queries)
+    results = []
+
+    def reader():
+        for _ in range(10):
+            results.append(cache.attention_output(queries, n_threads=2))
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 40
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+
+
+def test_mapped_index_values_are_checked_before_use_or_on_request(tmp_path):
+    index = tq.TurboQuantIndex(16, 4)
+    index.add(RNG.standard_normal((70000, 16)))
+    config, arrays = index._payload()
+    arrays = dict(arrays, ids=np.concatenate([arrays["ids"][:-1], arrays["ids"][:1]]))   # a duplicate id
+    data = _format.encode(index._kind, config, arrays, tq.io._persist.rebuilt_checks(index._rebuilt()), "x")
+    path = tmp_path / "dup.tq"
+    path.write_bytes(data)
+    with pytest.raises(CorruptPayloadError, match="ids"):
+        tq.TurboQuantIndex.load(path)
+    mapped = tq.TurboQuantIndex.load(path, mmap=True)   # structure only
+    with pytest.raises(CorruptPayloadError, match="ids"):
+        mapped.check_mapped()
+    with pytest.raises(CorruptPayloadError, match="ids"):
+        mapped.add(np.ones((1, 16)))
+    assert len(mapped) == 70000

@@ -4,12 +4,15 @@
 
 # Blocks (32 rows each) per parallel work item of the fast scan.
 DEF SCAN_CHUNK_BLOCKS = 64
+# Below this many (query, row, nibble) lookups (about 0.2 ms on one AVX2 core)
+# waking a second thread costs more than it saves.
+DEF SCAN_MIN_PARALLEL = 1 << 23
 # Rows per work item of the row scan (a multiple of the heaps' refill cost).
 DEF ROW_SCAN_ROWS = 1024
 
 
 def scan_nibbles(Py_ssize_t d, int bits):
-    """Nibbles (padded to an even count) of a ``bits``-bit row of ``d`` coordinates in
+    """Nibbles (padded to a multiple of 4) of a ``bits``-bit row of ``d`` coordinates in
     the fast-scan block layout; a block of 32 rows takes ``16 * nibbles`` bytes."""
     if bits not in (1, 2, 4):
         raise ValueError(f"the fast scan takes 1, 2 or 4-bit codes, got {bits}")
@@ -20,8 +23,8 @@ def scan_pack(const uint8_t[:, ::1] rows, uint8_t[:, ::1] blocks, Py_ssize_t fir
     """Write packed ``rows`` at positions ``first ..`` of the block layout ``blocks``
     ((n_blocks, 16 * nibbles) uint8, zero where never written)."""
     cdef Py_ssize_t nibbles = blocks.shape[1] // 16, count = rows.shape[0]
-    if blocks.shape[1] % 32 or (first + count + TQ_SCAN_BLOCK - 1) // TQ_SCAN_BLOCK > blocks.shape[0]:
-        raise ValueError("blocks has too few blocks or a row size that is not 16 * an even nibble count")
+    if blocks.shape[1] % 64 or (first + count + TQ_SCAN_BLOCK - 1) // TQ_SCAN_BLOCK > blocks.shape[0]:
+        raise ValueError("blocks has too few blocks or a row size that is not 16 * a multiple of 4 nibbles")
     if count == 0:
         return
     with nogil:
@@ -140,7 +143,7 @@ def fast_scan_search(const uint8_t[:, ::1] blocks, Py_ssize_t n, int bits, const
     if offset.shape[0]:
         offsets = &offset[0]
     n_chunks = (n_blocks + SCAN_CHUNK_BLOCKS - 1) // SCAN_CHUNK_BLOCKS
-    team = threads_for(n * m * nibbles, min(<Py_ssize_t> n_threads, max(1, n_chunks)))
+    team = 1 if n * m * nibbles < SCAN_MIN_PARALLEL else min(<Py_ssize_t> n_threads, max(1, n_chunks))
     heaps = <tq_heap*> malloc((team * m + 1) * sizeof(tq_heap))
     tables = <uint8_t*> malloc(m * table_bytes + 1)
     exact = <double*> malloc((m * table_bytes + 1) * sizeof(double))

@@ -4,13 +4,17 @@ import dataclasses
 
 import numpy as np
 import torch
+import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from .._errors import InvalidParameterError, NonFiniteError, ShapeError
+from .._errors import CorruptPayloadError, InvalidParameterError, NonFiniteError, ShapeError, TurboQuantError
+from .._version import __version__
+from ..io import _format
+from ..io._persist import config_field, expect, expect_finite, rebuilt_checks
 from .._threads import resolve_n_threads
 from .._validation import check_int
 from ..kv import BatchedMultiHeadKVCache, KVCacheConfig, MultiHeadConfig, MultiHeadKVCache
-from ..kv._cache import _check_storable_rows
+from ..kv._cache import _check_storable_rows, _layer_payload, _restore_layer
 from ._attention import ATTENTION_NAME, DECODE_LAYER_ATTRIBUTE, register_attention
 
 _SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
@@ -418,6 +422,12 @@ class TurboQuantCache(Cache):
                    "chunked_attention": getattr(text, "attention_chunk_size", None)}
 
         self.head_config = head_config
+        # What the cache read from the model config (saved with the cache, and
+        # enough to rebuild a config for it).
+        self._model_fields = {"num_hidden_layers": layers, "num_attention_heads": query_heads,
+                              "num_key_value_heads": kv_heads, "head_dim": head_dim, "layer_types": list(types),
+                              "sliding_window": windows["sliding_attention"],
+                              "attention_chunk_size": windows["chunked_attention"]}
         self.n_threads = n_threads
         self.fused_attention = bool(fused_attention)
         self._text_config = text
@@ -445,3 +455,181 @@ class TurboQuantCache(Cache):
         return TurboQuantCacheStats(
             total_bytes=total, layer_bytes=tuple(nbytes for nbytes, _ in per_layer), num_values=values,
             bits_per_value=8 * total / values if values else 0.0, uncompressed_bytes=4 * values)
+
+
+# -- persistence ----------------------------------------------------------------------------------
+
+_KIND = "TurboQuantCache"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype):
+    for name, value in _TORCH_DTYPES.items():
+        if dtype == value:
+            return name
+    raise InvalidParameterError(f"a TurboQuantCache of {dtype} tensors cannot be saved")
+
+
+def _cache_payload(cache):
+    """``(config, arrays)`` of a TurboQuantCache (decode tokens held for the attention appended first)."""
+    layers, arrays = [], {}
+    for number, layer in enumerate(cache.layers):
+        prefix = f"layer{number}."
+        if isinstance(layer, TurboQuantLayer):
+            dtype = _dtype_name(layer.dtype) if layer.is_initialized else "float32"
+            rows = []
+            for r, row in enumerate(layer.rows):
+                states, row_arrays = _layer_payload(row, f"{prefix}row{r}.")
+                rows.append(states)
+                arrays.update(row_arrays)
+            layers.append({"kind": "turboquant", "initialized": bool(layer.is_initialized), "dtype": dtype,
+                           "rows": rows})
+        else:
+            dtype = _dtype_name(layer.keys.dtype) if layer.is_initialized else "float32"
+            entry = {"kind": "sliding", "initialized": bool(layer.is_initialized), "dtype": dtype,
+                     "window": int(layer.sliding_window), "cumulative_length": int(layer.cumulative_length)}
+            if layer.is_initialized:
+                arrays[prefix + "keys"] = _as_float32(layer.keys)
+                arrays[prefix + "values"] = _as_float32(layer.values)
+            layers.append(entry)
+    config = {"head_config": cache.head_config.to_dict(), "fused_attention": cache.fused_attention,
+              "layers": layers, "model": dict(cache._model_fields)}
+    return config, arrays
+
+
+def _rebuilt_tables(cache):
+    tables = {}
+    for number, layer in enumerate(cache.layers):
+        if isinstance(layer, TurboQuantLayer):
+            tables.update({f"layer{number}.{name}": codec for name, codec in layer._prototype._rebuilt().items()})
+    return tables
+
+
+def _restore_cache(payload, model_config, fused_attention, n_threads, mapped):
+    config, arrays = payload.config, payload.arrays
+    if payload.kind != _KIND:
+        raise CorruptPayloadError(f"kind: the file holds a {payload.kind!r}, not a {_KIND!r}")
+    if not isinstance(config, dict) or set(config) != {"head_config", "fused_attention", "layers", "model"}:
+        raise CorruptPayloadError("config: expected the keys head_config, fused_attention, layers and model")
+    try:
+        head_config = MultiHeadConfig.from_dict(config_field(config, "head_config", dict))
+        model_fields = config_field(config, "model", dict)
+        if model_config is None:
+            model_config = transformers.PretrainedConfig(**model_fields)
+        if fused_attention is None:
+            fused_attention = config_field(config, "fused_attention", bool)
+        options = {name: value for name, value in head_config.head_config.to_dict().items() if name != "dim"}
+        cache = TurboQuantCache(model_config, fused_attention=fused_attention, n_threads=n_threads, **options)
+    except CorruptPayloadError:
+        raise
+    except (TurboQuantError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CorruptPayloadError(f"config: {error}") from None
+    if cache._model_fields != model_fields:
+        raise CorruptPayloadError(f"config.model: the model's layers are {cache._model_fields}, "
+                                  f"the file's {model_fields}")
+    if cache.head_config != head_config:
+        raise CorruptPayloadError(f"config.head_config: the model's layers are {cache.head_config}, "
+                                  f"the file's {head_config}")
+    layers = config["layers"]
+    if not isinstance(layers, list) or len(layers) != len(cache.layers):
+        raise CorruptPayloadError(f"config.layers: expected {len(cache.layers)} layers")
+    for number, (layer, entry) in enumerate(zip(cache.layers, layers)):
+        prefix = f"layer{number}."
+        kind = "turboquant" if isinstance(layer, TurboQuantLayer) else "sliding"
+        if not isinstance(entry, dict) or entry.get("kind") != kind or \
+                not isinstance(entry.get("initialized"), bool) or entry.get("dtype") not in _TORCH_DTYPES:
+            raise CorruptPayloadError(f"config.layers[{number}]: expected a {kind} layer entry")
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if kind == "turboquant":
+            if set(entry) != {"kind", "initialized", "dtype", "rows"} or not isinstance(entry["rows"], list) \
+                    or (not entry["initialized"] and entry["rows"]):
+                raise CorruptPayloadError(f"config.layers[{number}].rows: expected a list of row states")
+            rows = []
+            for r, states in enumerate(entry["rows"]):
+                row = layer._prototype.copy()
+                _restore_layer(row, states, arrays, f"{prefix}row{r}.", mapped)
+                rows.append(row)
+            if len({row.num_tokens for row in rows}) > 1:
+                raise CorruptPayloadError(f"config.layers[{number}].rows: rows of different lengths")
+            if entry["initialized"]:
+                layer.device, layer.dtype, layer.is_initialized = torch.device("cpu"), dtype, True
+                layer._set_rows(rows)
+            continue
+        if set(entry) != {"kind", "initialized", "dtype", "window", "cumulative_length"} or \
+                entry["window"] != layer.sliding_window or \
+                not isinstance(entry["cumulative_length"], int) or entry["cumulative_length"] < 0:
+            raise CorruptPayloadError(f"config.layers[{number}]: a sliding layer entry of another window")
+        if entry["initialized"]:
+            shape = (None, head_config.num_heads, None, head_config.head_config.dim)
+            keys = expect_finite(expect(arrays, prefix + "keys", np.float32, shape), prefix + "keys")
+            values = expect_finite(expect(arrays, prefix + "values", np.float32, keys.shape), prefix + "values")
+            keys_t = torch.from_numpy(np.array(keys)).to(dtype)
+            layer.lazy_initialization(keys_t, keys_t)
+            layer.keys, layer.values = keys_t, torch.from_numpy(np.array(values)).to(dtype)
+            layer.cumulative_length = entry["cumulative_length"]
+    unexpected = set(arrays) - set(_cache_payload(cache)[1])
+    if unexpected:
+        raise CorruptPayloadError(f"arrays: {sorted(unexpected)} are not arrays of this cache")
+    if payload.checks != rebuilt_checks(_rebuilt_tables(cache)):
+        raise CorruptPayloadError("checks: the rebuilt codebooks or rotations differ from the saved ones")
+    return cache
+
+
+def _cache_from_bytes(data):
+    """Unpickling hook: the cache from its bytes, on a config rebuilt from the saved one."""
+    return _restore_cache(_format.decode(data), None, None, None, False)
+
+
+def _to_bytes(self):
+    """The cache as bytes of the turboquant format (see :mod:`turboquant.io`): every
+    layer's codes and exact tensors, the cache settings and the model config.
+
+    Returns
+    -------
+    bytes
+    """
+    config, arrays = _cache_payload(self)
+    return _format.encode(_KIND, config, arrays, rebuilt_checks(_rebuilt_tables(self)), __version__)
+
+
+def _from_bytes(cls, data, config=None, *, fused_attention=None, n_threads=None):
+    """Rebuild a cache from :meth:`to_bytes` output, validating every byte.
+
+    Parameters
+    ----------
+    data : bytes-like
+    config : transformers.PretrainedConfig, optional
+        The model's config, whose attention implementation the cache selects
+        (as the constructor does); by default a config rebuilt from the saved
+        one (then ``model.config`` is not changed: pass it to get fused
+        decode attention in that model).
+    fused_attention : bool, optional
+        As for the constructor; by default the saved cache's.
+    n_threads : int or None, default=None
+
+    Raises
+    ------
+    CorruptPayloadError
+        For truncated, corrupted or inconsistent bytes, or a config whose layers
+        differ from the saved cache's.
+    """
+    return _restore_cache(_format.decode(data), config, fused_attention, n_threads, False)
+
+
+def _save(self, path):
+    """Write the cache to ``path`` atomically (see :meth:`turboquant.QuantizedKVCache.save`)."""
+    config, arrays = _cache_payload(self)
+    _format.write(path, _KIND, config, arrays, rebuilt_checks(_rebuilt_tables(self)), __version__)
+
+
+def _load(cls, path, config=None, *, mmap=False, fused_attention=None, n_threads=None):
+    """Read a cache saved by :meth:`save` (parameters as for :meth:`from_bytes`;
+    ``mmap=True`` maps the codes read-only, copied on the first append)."""
+    return _restore_cache(_format.read(path, mmap=bool(mmap)), config, fused_attention, n_threads, bool(mmap))
+
+
+TurboQuantCache.to_bytes = _to_bytes
+TurboQuantCache.from_bytes = classmethod(_from_bytes)
+TurboQuantCache.save = _save
+TurboQuantCache.load = classmethod(_load)
+TurboQuantCache.__reduce__ = lambda self: (_cache_from_bytes, (self.to_bytes(),))

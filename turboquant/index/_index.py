@@ -38,10 +38,12 @@ FAST_SCAN_FACTOR = 2
 FAST_SCAN_SLACK = 32
 # Rows whose reconstruction norms (the "l2" metric) are computed per pass.
 NORM_BLOCK = 1 << 14
+# Bytes of gathered originals per group of queries when re-ranking.
+RERANK_BYTES = 1 << 25
 # Up to this dimension queries are rotated by one float32 matrix product (a
 # dim x dim matrix kept by the index), which is faster than the transform for
 # the few rows of a search.
-QUERY_MATRIX_MAX_DIM = 512
+QUERY_MATRIX_MAX_DIM = 256
 
 
 class _ReadWriteLock:
@@ -94,6 +96,16 @@ def _reader(method):
         with self._lock:
             return method(self, *args, **kwargs)
     return locked
+
+
+def _check_row_values(scale, offset, ids, originals, next_id):
+    """Values of loaded per-row arrays: finite, scales and ids >= 0, ids below next_id."""
+    expect_finite(scale, "scale")
+    expect_finite(offset, "offset")
+    expect_finite(originals, "originals")
+    if scale.size and ((scale < 0).any() or (ids < 0).any() or int(ids.max()) >= next_id):
+        raise CorruptPayloadError("arrays['scale'], arrays['ids']: scales and ids must be >= 0, "
+                                  "ids below config.next_id")
 
 
 def _check_ids(ids, count):
@@ -156,7 +168,9 @@ class TurboQuantIndex(Persistent):
     codes, norms, ids and originals read-only from the file, so a large index
     opens at once and processes share its pages; the first ``add`` or
     ``remove`` copies them into memory (copy-on-write), and the file is never
-    written.
+    written. A mapped load checks the file's structure (every length, offset,
+    dtype and the checksums of its small arrays) but reads no per-vector
+    value: those are checked by the first change, or by :meth:`check_mapped`.
 
     Searches only read the index, and the scans release the GIL: several
     Python threads may search one index at the same time. ``add``, ``remove``
@@ -232,9 +246,12 @@ class TurboQuantIndex(Persistent):
             terms[:, 2] = np.pad(self._offset[rows], padding, mode="edge").reshape(-1, 32).max(axis=1)
 
     def _own(self):
-        """Copy memory-mapped arrays into memory before the first change, and build
-        the sorted ids a mapped load leaves for later (checking they are distinct)."""
+        """Copy memory-mapped arrays into memory before the first change (checking
+        their values), and build the sorted ids a mapped load leaves for later
+        (checking they are distinct)."""
         if self._mapped:
+            n = self._n
+            _check_row_values(self._scale[:n], self._offset, self._ids[:n], self._originals, self._next_id)
             self._codes, self._scale, self._offset = self._codes.copy(), self._scale.copy(), self._offset.copy()
             self._ids, self._originals = self._ids.copy(), self._originals.copy()
             self._block_terms = self._block_terms.copy()
@@ -530,16 +547,20 @@ class TurboQuantIndex(Persistent):
         index = safe if reference is self._originals else self._ids[safe] if self._n else safe
         queries = rows.astype(np.float64)
         exact = np.empty((m, count), dtype=np.float64)
-        for q in range(m):
-            vectors = reference[index[q]].astype(np.float64)
+        # Queries in groups whose gathered candidates take about RERANK_BYTES.
+        group = max(1, RERANK_BYTES // max(1, count * self.dim * 8))
+        for q0 in range(0, m, group):
+            vectors = reference[index[q0:q0 + group]].astype(np.float64)   # (g, count, dim)
+            block = queries[q0:q0 + group, None, :]
             if self.metric == "l2":
-                diff = vectors - queries[q]
-                exact[q] = np.einsum("ij,ij->i", diff, diff)
-            else:
-                exact[q] = vectors @ queries[q]
-                if self.metric == "cosine":
-                    norms = np.linalg.norm(vectors, axis=1)
-                    exact[q] = np.divide(exact[q], norms, out=np.zeros(count), where=norms > 0)
+                diff = vectors - block
+                exact[q0:q0 + group] = np.einsum("qij,qij->qi", diff, diff)
+                continue
+            products = np.einsum("qij,qj->qi", vectors, queries[q0:q0 + group])
+            if self.metric == "cosine":
+                norms = np.linalg.norm(vectors, axis=2)
+                products = np.divide(products, norms, out=np.zeros_like(products), where=norms > 0)
+            exact[q0:q0 + group] = products
         worst = np.inf if self.metric == "l2" else -np.inf
         exact[~valid] = worst
         ids = np.where(valid, self._ids[safe] if self._n else -1, np.iinfo(np.int64).max)
@@ -548,6 +569,20 @@ class TurboQuantIndex(Persistent):
         return np.take_along_axis(exact, order, 1), np.take_along_axis(positions, order, 1)
 
     # -- persistence ----------------------------------------------------------------------------------
+    def check_mapped(self):
+        """Check the values of a memory-mapped index now (``load(..., mmap=True)``
+        defers them): finite norms, valid and distinct ids.
+
+        Raises
+        ------
+        CorruptPayloadError
+        """
+        n = self._n
+        _check_row_values(self._scale[:n], self._offset, self._ids[:n], self._originals, self._next_id)
+        sorted_ids = np.sort(self._ids[:n])
+        if sorted_ids.size > 1 and not (np.diff(sorted_ids) > 0).all():
+            raise CorruptPayloadError("arrays['ids']: the loaded index holds duplicate ids")
+
     def _rebuilt(self):
         return {"codec": self._codec}
 
@@ -584,21 +619,17 @@ class TurboQuantIndex(Persistent):
         ids = expect(arrays, "ids", np.int64, (n,))
         originals = expect(arrays, "originals", np.float32, (n if index.keep_originals else 0, index.dim))
         block_terms = expect(arrays, "block_terms", np.float32, (blocks, 3))
-        expect_finite(scale, "scale")
-        expect_finite(offset, "offset")
         expect_finite(block_terms, "block_terms")
-        if n and ((scale < 0).any() or (ids < 0).any() or int(ids.max()) >= next_id):
-            raise CorruptPayloadError("arrays['scale'], arrays['ids']: scales and ids must be >= 0, "
-                                      "ids below config.next_id")
         index._n, index._next_id = n, next_id
         if mapped:
-            # Read-only views of the map; _own() copies them before a change and
-            # builds (and checks) the sorted ids then.
+            # Read-only views of the map, whose shapes are checked: no read goes
+            # out of bounds. Their values are checked when _own() copies them
+            # before the first change (or by check_mapped()).
             index._codes, index._scale, index._offset, index._ids = codes, scale, offset, ids
             index._originals, index._block_terms = originals, block_terms
             index._sorted_ids, index._mapped = None, True
             return index
-        expect_finite(originals, "originals")
+        _check_row_values(scale, offset, ids, originals, next_id)
         index._codes, index._scale, index._offset = codes.copy(), scale.copy(), offset.copy()
         index._ids, index._originals = ids.copy(), originals.copy()
         index._sorted_ids = None

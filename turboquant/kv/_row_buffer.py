@@ -39,6 +39,7 @@ class RowBuffer:
         self._arrays, self._start, self._stop = arrays, 0, live
         self._capacity = next(iter(arrays.values())).shape[0]
         self._bases = None
+        self._views = None
 
     def _allocate(self, capacity):
         return {name: np.empty((capacity,) + shape, dtype=dtype)
