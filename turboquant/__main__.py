@@ -71,7 +71,29 @@ def _fmt(value, spec=".5f"):
     return "-" if value is None else format(value, spec)
 
 
+SUMMARY = """\
+More of turboquant, from this command line (`turboquant --help`, or `python -m turboquant COMMAND`):
+  turboquant info                                   kernels, threads, optional extras
+  turboquant compress X.npy -o X.tq --bits 4        quantize vectors (.npy / .fvecs, streamed)
+  turboquant decompress X.tq -o X.npy | inspect X.tq
+  turboquant index build X.npy -o X.index           search index; then `index search` / `index eval`
+  turboquant kv eval MODEL TEXT                     KV-cache presets on a model (the hf extra)
+  turboquant generate MODEL "prompt" --preset balanced
+  turboquant plot distortion -o distortion.png      (the plot extra)"""
+
+
 def main(argv=None):
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    from .cli._main import build_parser
+    commands = build_parser()._subparsers._group_actions[0].choices
+    if arguments and arguments[0] in commands:
+        from .cli import main as cli_main
+        return cli_main(arguments)
+    return distortion_main(arguments)
+
+
+def distortion_main(argv=None):
+    """The bare ``python -m turboquant``: the distortion table and a summary of the commands."""
     parser = argparse.ArgumentParser(prog="python -m turboquant", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
     parser.add_argument("--n", type=int, default=20000, help="random unit vectors (default 20000)")
@@ -98,6 +120,8 @@ def main(argv=None):
           f"upper: sqrt(3)*pi/2*4^-b; ratio: measured/4^-b.\nProd d*Var: dim times the variance of "
           f"the inner-product error over 32 unit queries; theory: pi/2 * D_mse(b-1).\n"
           f"({elapsed:.1f} s)")
+    print()
+    print(SUMMARY)
     return 0
 
 
