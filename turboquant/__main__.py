@@ -21,7 +21,7 @@ PAPER_MSE = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}
 UPPER_CONSTANT = math.sqrt(3.0) * math.pi / 2.0
 
 
-def distortion_table(dim, n, seed, rotation, n_threads=None):
+def distortion_table(dim, n, seed, rotation, n_threads=None, progress=None):
     """Rows of measured and reference distortions for b = 1..8.
 
     Parameters
@@ -30,6 +30,8 @@ def distortion_table(dim, n, seed, rotation, n_threads=None):
         Dimension, number of random unit vectors, seed of the data.
     rotation : {"dense", "hadamard"}
     n_threads : int or None
+    progress : callable or None
+        Called with 1 after each bit width (for progress bars).
 
     Returns
     -------
@@ -64,6 +66,8 @@ def distortion_table(dim, n, seed, rotation, n_threads=None):
             row["prod_ip_var"] = float(np.var(estimate - exact)) * dim
             row["prod_ip_var_theory"] = math.pi / 2.0 * prod.mse.expected_distortion
         rows.append(row)
+        if progress is not None:
+            progress(1)
     return rows
 
 

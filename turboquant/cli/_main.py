@@ -146,7 +146,11 @@ def _inspect(args):
     if not os.path.exists(args.input):
         raise UsageError(f"{args.input}: no such file")
     payload = _format.read(args.input, mmap=True)
-    payload.verify()
+    with Progress(sum(payload.arrays[name].nbytes for name in payload.unverified), "inspect", quiet=args.quiet,
+                  unit="B") as bar:
+        for name in sorted(payload.unverified):
+            payload.verify([name])
+            bar.update(payload.arrays[name].nbytes)
     obj = io.load(args.input, mmap=True)
     arrays = {name: {"dtype": str(array.dtype), "shape": list(array.shape), "bytes": int(array.nbytes)}
               for name, array in payload.arrays.items()}
@@ -263,11 +267,15 @@ def _plot(args):
     figure, axes = pyplot.subplots(figsize=(6, 4))
     if args.what == "distortion":
         from ..__main__ import distortion_table
-        rows = distortion_table(args.dim, args.n, 0, "dense")
+        with Progress(8, "distortion", quiet=args.quiet, unit="bit widths") as bar:
+            rows = distortion_table(args.dim, args.n, 0, "dense", args.threads, progress=bar.update)
         bits = [row["bits"] for row in rows]
         axes.semilogy(bits, [row["measured"] for row in rows], "o-", label="TurboQuantMSE, measured")
         axes.semilogy(bits, [row["upper"] for row in rows], "--", label="upper bound sqrt(3) pi/2 4^-b")
         axes.semilogy(bits, [row["lower"] for row in rows], ":", label="lower bound 4^-b")
+        reported = [row for row in rows if row["paper"] is not None]
+        axes.semilogy([row["bits"] for row in reported], [row["paper"] for row in reported], "x", markersize=9,
+                      label="the paper's reported values")
         axes.set_xlabel("bits per coordinate")
         axes.set_ylabel("E ||x - x_hat||^2 (unit x)")
         axes.set_title(f"distortion, d={args.dim}")
