@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from .._errors import CorruptPayloadError, InvalidParameterError, NonFiniteError, ShapeError, TurboQuantError
 from .._version import __version__
 from ..io import _format
-from ..io._persist import config_field, expect, expect_finite, rebuilt_checks
+from ..io._persist import check_restored, config_field, expect, expect_finite, rebuilt_checks
 from .._threads import resolve_n_threads
 from .._validation import check_int
 from ..kv import BatchedMultiHeadKVCache, KVCacheConfig, MultiHeadConfig, MultiHeadKVCache
@@ -446,6 +446,59 @@ class TurboQuantCache(Cache):
         the model config selects it (read on every step)."""
         return self._text_config._attn_implementation == ATTENTION_NAME
 
+    # -- persistence (see turboquant.io) ----------------------------------------------
+    def to_bytes(self):
+        """The cache as bytes of the turboquant format (see :mod:`turboquant.io`): every
+        layer's codes and exact tensors, the cache settings and the model config.
+
+        Returns
+        -------
+        bytes
+        """
+        config, arrays = _cache_payload(self)
+        return _format.encode(_KIND, config, arrays, rebuilt_checks(_rebuilt_tables(self)), __version__)
+
+
+    @classmethod
+    def from_bytes(cls, data, config=None, *, fused_attention=None, n_threads=None):
+        """Rebuild a cache from :meth:`to_bytes` output, validating every byte.
+
+        Parameters
+        ----------
+        data : bytes-like
+        config : transformers.PretrainedConfig, optional
+            The model's config, whose attention implementation the cache selects
+            (as the constructor does); by default a config rebuilt from the saved
+            one (then ``model.config`` is not changed: pass it to get fused
+            decode attention in that model).
+        fused_attention : bool, optional
+            As for the constructor; by default the saved cache's.
+        n_threads : int or None, default=None
+
+        Raises
+        ------
+        CorruptPayloadError
+            For truncated, corrupted or inconsistent bytes, or a config whose layers
+            differ from the saved cache's.
+        """
+        return _restore_cache(_format.decode(data), config, fused_attention, n_threads, False)
+
+
+    def save(self, path):
+        """Write the cache to ``path`` atomically (see :meth:`turboquant.QuantizedKVCache.save`)."""
+        config, arrays = _cache_payload(self)
+        _format.write(path, _KIND, config, arrays, rebuilt_checks(_rebuilt_tables(self)), __version__)
+
+
+    @classmethod
+    def load(cls, path, config=None, *, mmap=False, fused_attention=None, n_threads=None):
+        """Read a cache saved by :meth:`save` (parameters as for :meth:`from_bytes`;
+        ``mmap=True`` maps the codes read-only, copied on the first append)."""
+        return _restore_cache(_format.read(path, mmap=bool(mmap)), config, fused_attention, n_threads, bool(mmap))
+
+    def __reduce__(self):
+        return _cache_from_bytes, (self.to_bytes(),)
+
     def stats(self):
         """Memory held, in total and per layer (:class:`TurboQuantCacheStats`)."""
         per_layer = [layer.stats() if isinstance(layer, TurboQuantLayer) else _dense_stats(layer)
@@ -567,69 +620,10 @@ def _restore_cache(payload, model_config, fused_attention, n_threads, mapped):
             layer.lazy_initialization(keys_t, keys_t)
             layer.keys, layer.values = keys_t, torch.from_numpy(np.array(values)).to(dtype)
             layer.cumulative_length = entry["cumulative_length"]
-    unexpected = set(arrays) - set(_cache_payload(cache)[1])
-    if unexpected:
-        raise CorruptPayloadError(f"arrays: {sorted(unexpected)} are not arrays of this cache")
-    if payload.checks != rebuilt_checks(_rebuilt_tables(cache)):
-        raise CorruptPayloadError("checks: the rebuilt codebooks or rotations differ from the saved ones")
+    check_restored(payload, _cache_payload(cache)[1], _rebuilt_tables(cache))
     return cache
 
 
 def _cache_from_bytes(data):
     """Unpickling hook: the cache from its bytes, on a config rebuilt from the saved one."""
     return _restore_cache(_format.decode(data), None, None, None, False)
-
-
-def _to_bytes(self):
-    """The cache as bytes of the turboquant format (see :mod:`turboquant.io`): every
-    layer's codes and exact tensors, the cache settings and the model config.
-
-    Returns
-    -------
-    bytes
-    """
-    config, arrays = _cache_payload(self)
-    return _format.encode(_KIND, config, arrays, rebuilt_checks(_rebuilt_tables(self)), __version__)
-
-
-def _from_bytes(cls, data, config=None, *, fused_attention=None, n_threads=None):
-    """Rebuild a cache from :meth:`to_bytes` output, validating every byte.
-
-    Parameters
-    ----------
-    data : bytes-like
-    config : transformers.PretrainedConfig, optional
-        The model's config, whose attention implementation the cache selects
-        (as the constructor does); by default a config rebuilt from the saved
-        one (then ``model.config`` is not changed: pass it to get fused
-        decode attention in that model).
-    fused_attention : bool, optional
-        As for the constructor; by default the saved cache's.
-    n_threads : int or None, default=None
-
-    Raises
-    ------
-    CorruptPayloadError
-        For truncated, corrupted or inconsistent bytes, or a config whose layers
-        differ from the saved cache's.
-    """
-    return _restore_cache(_format.decode(data), config, fused_attention, n_threads, False)
-
-
-def _save(self, path):
-    """Write the cache to ``path`` atomically (see :meth:`turboquant.QuantizedKVCache.save`)."""
-    config, arrays = _cache_payload(self)
-    _format.write(path, _KIND, config, arrays, rebuilt_checks(_rebuilt_tables(self)), __version__)
-
-
-def _load(cls, path, config=None, *, mmap=False, fused_attention=None, n_threads=None):
-    """Read a cache saved by :meth:`save` (parameters as for :meth:`from_bytes`;
-    ``mmap=True`` maps the codes read-only, copied on the first append)."""
-    return _restore_cache(_format.read(path, mmap=bool(mmap)), config, fused_attention, n_threads, bool(mmap))
-
-
-TurboQuantCache.to_bytes = _to_bytes
-TurboQuantCache.from_bytes = classmethod(_from_bytes)
-TurboQuantCache.save = _save
-TurboQuantCache.load = classmethod(_load)
-TurboQuantCache.__reduce__ = lambda self: (_cache_from_bytes, (self.to_bytes(),))

@@ -108,6 +108,14 @@ def _check_row_values(scale, offset, ids, originals, next_id):
                                   "ids below config.next_id")
 
 
+def _sorted_distinct(ids):
+    """Loaded ``ids`` sorted, checked to be distinct (CorruptPayloadError otherwise)."""
+    ordered = np.sort(ids)
+    if ordered.size > 1 and not (np.diff(ordered) > 0).all():
+        raise CorruptPayloadError("arrays['ids']: the loaded index holds duplicate ids")
+    return ordered
+
+
 def _check_ids(ids, count):
     """``ids`` as a 1-d int64 array of ``count`` distinct values."""
     array = as_array(ids, "ids")
@@ -257,10 +265,7 @@ class TurboQuantIndex(Persistent):
             self._block_terms = self._block_terms.copy()
             self._mapped = False
         if self._sorted_ids is None:
-            sorted_ids = np.sort(self._ids[:self._n])
-            if sorted_ids.size > 1 and not (np.diff(sorted_ids) > 0).all():
-                raise CorruptPayloadError("arrays['ids']: the loaded index holds duplicate ids")
-            self._sorted_ids = sorted_ids
+            self._sorted_ids = _sorted_distinct(self._ids[:self._n])
 
     def _empty_codes(self, capacity):
         if self._fast:
@@ -579,9 +584,7 @@ class TurboQuantIndex(Persistent):
         """
         n = self._n
         _check_row_values(self._scale[:n], self._offset, self._ids[:n], self._originals, self._next_id)
-        sorted_ids = np.sort(self._ids[:n])
-        if sorted_ids.size > 1 and not (np.diff(sorted_ids) > 0).all():
-            raise CorruptPayloadError("arrays['ids']: the loaded index holds duplicate ids")
+        _sorted_distinct(self._ids[:n])
 
     def _rebuilt(self):
         return {"codec": self._codec}

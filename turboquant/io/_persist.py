@@ -57,6 +57,18 @@ def rebuilt_checks(codecs):
             for name, codec in codecs.items()}
 
 
+def check_restored(payload, arrays, codecs):
+    """Raise CorruptPayloadError unless the object rebuilt from ``payload`` holds
+    every array the payload has (its own ``arrays``) and rebuilds the same tables
+    from its ``codecs`` (see :func:`rebuilt_checks`)."""
+    unexpected = set(payload.arrays) - set(arrays)
+    if unexpected:
+        raise CorruptPayloadError(f"arrays: {sorted(unexpected)} are not arrays of this object")
+    if payload.checks != rebuilt_checks(codecs):
+        raise CorruptPayloadError("checks: the rebuilt codebooks or rotations differ from the saved ones "
+                                  "(a file of another turboquant version, or a corrupted config)")
+
+
 def expect(arrays, name, dtype, shape):
     """Array ``name`` of ``arrays``, checked to have ``dtype`` and ``shape``
     (None entries of ``shape`` match any length); CorruptPayloadError otherwise."""
@@ -185,13 +197,7 @@ class Persistent:
             raise
         except (TurboQuantError, ValueError, TypeError, KeyError, IndexError, OverflowError) as error:
             raise CorruptPayloadError(f"config: {error}") from None
-        unexpected = set(payload.arrays) - set(obj._payload()[1])
-        if unexpected:
-            raise CorruptPayloadError(f"arrays: {sorted(unexpected)} are not arrays of this object")
-        stored, rebuilt = payload.checks, rebuilt_checks(obj._rebuilt())
-        if stored != rebuilt:
-            raise CorruptPayloadError("checks: the rebuilt codebooks or rotations differ from the saved ones "
-                                      "(a file of another turboquant version, or a corrupted config)")
+        check_restored(payload, obj._payload()[1], obj._rebuilt())
         return obj
 
     def __reduce__(self):

@@ -1,6 +1,5 @@
 """:class:`BatchedMultiHeadKVCache`: the KV caches of one layer for every row of a batch."""
 
-import copy
 
 import numpy as np
 
@@ -201,6 +200,28 @@ class BatchedMultiHeadKVCache(_LayerDims, Persistent):
         for row in self._rows:
             row.clear()
 
+    # -- persistence (see turboquant.io) ----------------------------------------------
+    def _payload(self):
+        rows, arrays = [], {}
+        for r, row in enumerate(self._rows):
+            states, row_arrays = _layer_payload(row, f"row{r}.")
+            rows.append(states)
+            arrays.update(row_arrays)
+        return {"config": self.config.to_dict(), "rows": rows}, arrays
+
+    @classmethod
+    def _from_payload(cls, config, arrays, mapped):
+        if set(config) != {"config", "rows"} or not isinstance(config["rows"], list) or not config["rows"]:
+            raise CorruptPayloadError("config: expected the keys config and rows (a non-empty list)")
+        batch = cls(MultiHeadConfig.from_dict(config_field(config, "config", dict)), len(config["rows"]))
+        for r, (row, states) in enumerate(zip(batch._rows, config["rows"])):
+            _restore_layer(row, states, arrays, f"row{r}.", mapped)
+        return batch
+
+    def _rebuilt(self):
+        return {f"row{r}.{name}": codec for r, row in enumerate(self._rows)
+                for name, codec in row._rebuilt().items()}
+
     def copy(self):
         """An independent copy of every row (the immutable quantizers are shared)."""
         return attribute_copy(self)
@@ -213,32 +234,3 @@ class BatchedMultiHeadKVCache(_LayerDims, Persistent):
         c = self.config
         return (f"BatchedMultiHeadKVCache(batch_size={self.batch_size}, kv_heads={c.num_heads}, "
                 f"query_heads={c.num_query_heads}, head_dim={self.head_dim}, lengths={list(self.lengths)})")
-
-
-# -- persistence ------------------------------------------------------------------------------------
-
-def _batched_payload(self):
-    rows, arrays = [], {}
-    for r, row in enumerate(self._rows):
-        states, row_arrays = _layer_payload(row, f"row{r}.")
-        rows.append(states)
-        arrays.update(row_arrays)
-    return {"config": self.config.to_dict(), "rows": rows}, arrays
-
-
-def _batched_from_payload(cls, config, arrays, mapped):
-    if set(config) != {"config", "rows"} or not isinstance(config["rows"], list) or not config["rows"]:
-        raise CorruptPayloadError("config: expected the keys config and rows (a non-empty list)")
-    batch = cls(MultiHeadConfig.from_dict(config_field(config, "config", dict)), len(config["rows"]))
-    for r, (row, states) in enumerate(zip(batch._rows, config["rows"])):
-        _restore_layer(row, states, arrays, f"row{r}.", mapped)
-    return batch
-
-
-def _batched_rebuilt(self):
-    return {f"row{r}.{name}": codec for r, row in enumerate(self._rows) for name, codec in row._rebuilt().items()}
-
-
-BatchedMultiHeadKVCache._payload = _batched_payload
-BatchedMultiHeadKVCache._from_payload = classmethod(_batched_from_payload)
-BatchedMultiHeadKVCache._rebuilt = _batched_rebuilt

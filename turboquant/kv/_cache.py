@@ -18,7 +18,6 @@ query's log-sum-exp over the coded rows, and the few exact rows are merged
 into its softmax.
 """
 
-import copy
 import dataclasses
 import math
 
@@ -607,6 +606,22 @@ class QuantizedKVCache(Persistent):
             buffer.drop_back(count)
             drop -= count
 
+    # -- persistence (see turboquant.io) ----------------------------------------------
+    def _payload(self):
+        state, arrays = _head_payload(self)
+        return {"config": self.config.to_dict(), "state": state}, arrays
+
+    @classmethod
+    def _from_payload(cls, config, arrays, mapped):
+        if set(config) != {"config", "state"}:
+            raise CorruptPayloadError("config: expected the keys config and state")
+        cache = cls(KVCacheConfig.from_dict(config_field(config, "config", dict)))
+        _restore_head(cache, config["state"], arrays, "", mapped)
+        return cache
+
+    def _rebuilt(self):
+        return {"keys": self._keys.main, "outlier_keys": self._keys.outlier, "values": self._values.codec}
+
     def copy(self):
         """An independent copy (the immutable quantizers are shared)."""
         return attribute_copy(self)
@@ -920,25 +935,6 @@ def _restore_head(cache, state, arrays, prefix, mapped):
     for buffer, part, rows in regions.values():
         # Capacity equal to the rows: the first append copies them (copy-on-write).
         buffer._set_storage({name: array if mapped else array.copy() for name, array in part.items()}, rows)
-
-
-def _cache_payload(self):
-    state, arrays = _head_payload(self)
-    return {"config": self.config.to_dict(), "state": state}, arrays
-
-
-def _cache_from_payload(cls, config, arrays, mapped):
-    if set(config) != {"config", "state"}:
-        raise CorruptPayloadError("config: expected the keys config and state")
-    cache = cls(KVCacheConfig.from_dict(config_field(config, "config", dict)))
-    _restore_head(cache, config["state"], arrays, "", mapped)
-    return cache
-
-
-QuantizedKVCache._payload = _cache_payload
-QuantizedKVCache._from_payload = classmethod(_cache_from_payload)
-QuantizedKVCache._rebuilt = lambda self: {"keys": self._keys.main, "outlier_keys": self._keys.outlier,
-                                          "values": self._values.codec}
 
 
 class _LayerDims:
@@ -1257,6 +1253,23 @@ class MultiHeadKVCache(_LayerDims, Persistent):
         for head in self._heads:
             head.truncate(keep)
 
+    # -- persistence (see turboquant.io) ----------------------------------------------
+    def _payload(self):
+        states, arrays = _layer_payload(self)
+        return {"config": self.config.to_dict(), "heads": states}, arrays
+
+    @classmethod
+    def _from_payload(cls, config, arrays, mapped):
+        if set(config) != {"config", "heads"}:
+            raise CorruptPayloadError("config: expected the keys config and heads")
+        layer = cls(MultiHeadConfig.from_dict(config_field(config, "config", dict)))
+        _restore_layer(layer, config["heads"], arrays, "", mapped)
+        return layer
+
+    def _rebuilt(self):
+        return {f"head{h}.{name}": codec for h, head in enumerate(self._heads)
+                for name, codec in head._rebuilt().items()}
+
     def copy(self):
         """An independent copy of every head (the immutable quantizers are shared)."""
         return attribute_copy(self)
@@ -1448,28 +1461,3 @@ def _restore_layer(layer, states, arrays, prefix, mapped):
     regions = {(len(head._sinks), len(head._quantized), len(head._recent)) for head in layer._heads}
     if len(regions) > 1:
         raise CorruptPayloadError(f"arrays[{prefix + 'head0.sinks.k'!r}]: the heads hold different token counts")
-
-
-def _multi_payload(self):
-    states, arrays = _layer_payload(self)
-    return {"config": self.config.to_dict(), "heads": states}, arrays
-
-
-def _multi_from_payload(cls, config, arrays, mapped):
-    if set(config) != {"config", "heads"}:
-        raise CorruptPayloadError("config: expected the keys config and heads")
-    layer = cls(MultiHeadConfig.from_dict(config_field(config, "config", dict)))
-    _restore_layer(layer, config["heads"], arrays, "", mapped)
-    return layer
-
-
-def _multi_rebuilt(self):
-    tables = {}
-    for h, head in enumerate(self._heads):
-        tables.update({f"head{h}.{name}": codec for name, codec in head._rebuilt().items()})
-    return tables
-
-
-MultiHeadKVCache._payload = _multi_payload
-MultiHeadKVCache._from_payload = classmethod(_multi_from_payload)
-MultiHeadKVCache._rebuilt = _multi_rebuilt
